@@ -1,0 +1,67 @@
+"""What sampling returns: ``SampleResponse`` / ``SampledSequence`` (one-shot) and ``TokenDelta`` (streams)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Optional
+
+from pydantic import BaseModel, ConfigDict
+
+from twinkle_async.data_format.inputs import InputFeature
+
+__all__ = ['StopReason', 'LogprobRow', 'SampledSequence', 'SampleResponse', 'TokenDelta']
+
+StopReason = Literal['length', 'stop', 'abort', 'error']
+LogprobRow = list[tuple[int, float]]
+"""One position: ``(sampled_token_id, logprob)`` first, then the top-k ``(token_id, logprob)`` sorted."""
+
+
+class SampledSequence(BaseModel):
+    """One completion.
+
+    ``tokens`` are the generated ids (a stop token is included, the stop string's text is not in
+    ``decoded`` unless asked for). ``logprobs[i][0]`` is always the sampled token ``tokens[i]``.
+    ``new_input_feature`` holds prompt + completion ids for token-in/token-out multi-turn use.
+    """
+
+    model_config = ConfigDict(extra='forbid')
+
+    stop_reason: StopReason
+    tokens: list[int]
+    logprobs: Optional[list[LogprobRow]] = None
+    decoded: Optional[str] = None
+    new_input_feature: Optional[InputFeature] = None
+
+
+class SampleResponse(BaseModel):
+    """All completions of one input, in sample order.
+
+    ``prompt_logprobs[i]`` is the logprob of prompt token ``i`` given the tokens before it (``None``
+    for the first); ``topk_prompt_logprobs[i]`` holds the top-k alternatives at that position.
+    """
+
+    model_config = ConfigDict(extra='forbid')
+
+    sequences: list[SampledSequence]
+    prompt_token_ids: Optional[list[int]] = None
+    prompt_logprobs: Optional[list[Optional[float]]] = None
+    topk_prompt_logprobs: Optional[list[Optional[LogprobRow]]] = None
+
+
+@dataclass(slots=True)
+class TokenDelta:
+    """New tokens of one sample of a streamed request.
+
+    Attributes:
+        index: which of the ``num_samples`` samples these tokens belong to.
+        token_ids: new token ids (possibly several when the consumer lagged).
+        logprobs: one row per new token (sampled first), or ``None`` when not asked for.
+        text: new decoded text (never a broken multi-byte character).
+        finish_reason: set on the sample's last delta: 'stop', 'length' or 'abort'.
+    """
+
+    index: int
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: Optional[list[LogprobRow]] = None
+    text: str = ''
+    finish_reason: Optional[StopReason] = None

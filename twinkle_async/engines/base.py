@@ -1,0 +1,86 @@
+"""The engine protocol: what the core asks of every engine, and the records it exchanges with them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, AsyncIterator, Optional, Protocol, runtime_checkable
+
+from twinkle_async.data_format.outputs import LogprobRow, StopReason
+
+__all__ = ['RequestParams', 'EngineRequest', 'EngineOutput', 'EngineStats', 'Engine']
+
+
+@dataclass(frozen=True, slots=True)
+class RequestParams:
+    """Sampling parameters resolved for one request (defaults filled, stop split by kind)."""
+
+    max_tokens: int
+    temperature: float = 1.0
+    top_k: int = -1
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+    seed: Optional[int] = None
+    stop_strings: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    include_stop_str_in_output: bool = False
+    ignore_eos: bool = False
+    logprobs: Optional[int] = None
+    prompt_logprobs: Optional[int] = None
+    num_samples: int = 1
+
+
+@dataclass(frozen=True, slots=True)
+class EngineRequest:
+    """One validated prompt to sample ``params.num_samples`` completions from."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    params: RequestParams
+    adapter_name: Optional[str] = None
+
+
+@dataclass(slots=True)
+class EngineOutput:
+    """New tokens of one sample (``index``) of a request; ``finish_reason`` ends that sample.
+
+    ``prompt_logprobs`` rows (``(prompt_token, logprob)`` then top-k; ``None`` for position 0) come
+    once per request, on its first output.
+    """
+
+    request_id: str
+    index: int
+    token_ids: list[int]
+    logprobs: Optional[list[LogprobRow]]
+    text: str
+    finish_reason: Optional[StopReason] = None
+    prompt_logprobs: Optional[list[Optional[LogprobRow]]] = None
+
+
+@dataclass(frozen=True, slots=True)
+class EngineStats:
+    """The engine's own counters (requests, not samples, unless said)."""
+
+    waiting: int
+    running: int
+    used_slots: int
+
+
+@runtime_checkable
+class Engine(Protocol):
+    """Both engines implement this; the core never asks which one it has."""
+
+    vocab_size: int
+    max_model_len: int
+    tokenizer: Any
+
+    def generate(self, request: EngineRequest) -> AsyncIterator[EngineOutput]:
+        """Stream outputs of ``request``; closing the iterator aborts the request."""
+
+    async def abort(self, request_id: str) -> None:
+        """End a request early: its unfinished samples finish with 'abort'."""
+
+    async def stats(self) -> EngineStats:
+        """Counters as of after every earlier call (submissions and aborts) took effect."""
+
+    async def close(self) -> None:
+        """Stop the engine and release its resources; pending requests fail."""

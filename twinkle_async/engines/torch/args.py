@@ -1,0 +1,51 @@
+"""``engine_args`` of the torch engine, validated (an unknown key is an error naming it)."""
+
+from __future__ import annotations
+
+from typing import Any, Literal, Mapping, Optional
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from twinkle_async.errors import EngineArgsError
+
+__all__ = ['TorchEngineArgs', 'parse_engine_args']
+
+
+class TorchEngineArgs(BaseModel):
+    """Options of the native PyTorch engine.
+
+    ``dtype``, ``max_model_len``, ``max_num_seqs`` and ``seed`` mean the same as on the vLLM engine.
+    ``max_num_seqs`` counts samples (KV slots), ``max_num_batched_tokens`` bounds one prefill,
+    ``kv_cache_memory_bytes`` bounds the slot KV cache (``max_num_seqs * max_model_len`` tokens).
+    """
+
+    model_config = ConfigDict(extra='forbid', frozen=True)
+
+    dtype: Literal['float32', 'bfloat16', 'float16', 'auto'] = 'float32'
+    max_model_len: Optional[int] = Field(default=None, ge=2)
+    max_num_seqs: int = Field(default=64, ge=1)
+    max_num_batched_tokens: int = Field(default=4096, ge=1)
+    seed: int = 0
+    device: str = 'auto'
+    kv_cache_memory_bytes: int = Field(default=4 * 2**30, ge=1)
+    trust_remote_code: bool = False
+    attn_implementation: Literal['sdpa', 'eager'] = 'sdpa'
+    num_threads: Optional[int] = Field(default=None, ge=1)
+
+
+def parse_engine_args(engine_args: Optional[Mapping[str, Any]]) -> TorchEngineArgs:
+    """Validate a user's ``engine_args`` dict.
+
+    Raises:
+        EngineArgsError: an unknown key or a bad value, named in the message.
+    """
+    try:
+        return TorchEngineArgs(**dict(engine_args or {}))
+    except ValidationError as exc:
+        problems = []
+        for error in exc.errors():
+            key = '.'.join(str(loc) for loc in error['loc'])
+            reason = 'unknown engine_args key for the torch engine' if error['type'] == 'extra_forbidden' \
+                else error['msg']
+            problems.append(f'{key}: {reason} (got {error.get("input")!r})')
+        raise EngineArgsError('invalid engine_args: ' + '; '.join(problems)) from None

@@ -1,0 +1,182 @@
+"""``TorchEngine``: the asyncio face of the engine thread (submit, per-request collectors, abort)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from pathlib import Path
+from typing import Any, AsyncIterator, Mapping, Optional
+
+import torch
+
+from twinkle_async.engines.base import EngineOutput, EngineRequest, EngineStats
+from twinkle_async.engines.collector import RequestCollector
+from twinkle_async.engines.torch.args import TorchEngineArgs, parse_engine_args
+from twinkle_async.engines.torch.core import CoreConfig, EngineCore
+from twinkle_async.engines.torch.kv_cache import SlotKVCache
+from twinkle_async.engines.torch.loader import load_model
+from twinkle_async.errors import EngineArgsError, EngineDeadError, InvalidRequestError
+
+__all__ = ['TorchEngine']
+
+logger = logging.getLogger(__name__)
+
+
+class TorchEngine:
+    """Native PyTorch continuous-batching engine; the model runs on a daemon thread.
+
+    Build it with ``await TorchEngine.create(model_dir, engine_args)``.
+    """
+
+    def __init__(self, model: Any, tokenizer: Any, args: TorchEngineArgs, max_model_len: int) -> None:
+        self.args = args
+        self.tokenizer = tokenizer
+        self.vocab_size = model.config.get_text_config().vocab_size
+        self.max_model_len = max_model_len
+        self._loop = asyncio.get_running_loop()
+        self._collectors: dict[str, RequestCollector] = {}
+        self._dead: Optional[BaseException] = None
+        config = CoreConfig(args.max_num_seqs, max_model_len, args.max_num_batched_tokens, args.seed,
+                            _eos_token_ids(model, tokenizer))
+        self.core = EngineCore(model, tokenizer, config, self._emit_threadsafe, self._fail_threadsafe)
+        self._thread = threading.Thread(target=self.core.run, name='twinkle-async-torch-engine', daemon=True)
+        self._thread.start()
+
+    @classmethod
+    async def create(cls, model_dir: Path, engine_args: Optional[Mapping[str, Any]] = None) -> TorchEngine:
+        """Load the model (off the event loop) and start the engine thread.
+
+        Raises:
+            EngineArgsError: unknown or invalid ``engine_args``.
+        """
+        args = parse_engine_args(engine_args)
+        model, tokenizer = await asyncio.to_thread(load_model, model_dir, args)
+        max_model_len = _max_model_len(model, args)
+        _check_kv_budget(model, args, max_model_len)
+        return cls(model, tokenizer, args, max_model_len)
+
+    @property
+    def is_dead(self) -> bool:
+        return self._dead is not None
+
+    async def generate(self, request: EngineRequest) -> AsyncIterator[EngineOutput]:
+        """Stream ``request``'s outputs; cancelling or closing the iterator aborts it in the engine.
+
+        Raises:
+            EngineDeadError: the engine thread died (now or while this request ran).
+            InvalidRequestError: ``num_samples`` exceeds the engine's slots.
+        """
+        self._check_alive()
+        if request.params.num_samples > self.args.max_num_seqs:
+            raise InvalidRequestError(f'num_samples={request.params.num_samples} exceeds this engine\'s '
+                                      f'max_num_seqs={self.args.max_num_seqs}')
+        collector = RequestCollector(request.params.num_samples)
+        self._collectors[request.request_id] = collector
+        self.core.submit(request)
+        try:
+            while not collector.finished:
+                for output in await collector.get():
+                    yield output
+        except BaseException:
+            if not collector.finished and not self.is_dead:
+                self.core.abort(request.request_id)
+            raise
+        finally:
+            self._collectors.pop(request.request_id, None)
+
+    async def abort(self, request_id: str) -> None:
+        """End ``request_id`` early; its unfinished samples finish with 'abort'."""
+        if not self.is_dead:
+            self.core.abort(request_id)
+
+    async def stats(self) -> EngineStats:
+        """The engine's counters once every earlier submission and abort has taken effect."""
+        self._check_alive()
+        reply: asyncio.Future[EngineStats] = self._loop.create_future()
+        self.core.sync(lambda stats: self._loop.call_soon_threadsafe(_resolve, reply, stats))
+        return await reply
+
+    async def close(self) -> None:
+        """Stop the thread; requests still open fail with :class:`EngineDeadError`."""
+        if self._thread.is_alive():
+            self.core.stop()
+            await asyncio.to_thread(self._thread.join, 30)
+        self._fail(EngineDeadError('the engine was closed'))
+
+    def _check_alive(self) -> None:
+        if self._dead is not None:
+            raise EngineDeadError(f'the torch engine is dead: {self._dead!r}') from self._dead
+
+    def _emit_threadsafe(self, outputs: list[EngineOutput]) -> None:
+        try:
+            self._loop.call_soon_threadsafe(self._dispatch, outputs)
+        except RuntimeError:  # the loop is closed: nobody is waiting any more
+            self.core.stop()
+
+    def _dispatch(self, outputs: list[EngineOutput]) -> None:
+        for output in outputs:
+            collector = self._collectors.get(output.request_id)
+            if collector is not None:
+                collector.put(output)
+
+    def _fail_threadsafe(self, exc: BaseException) -> None:
+        logger.error('torch engine thread died: %r', exc, exc_info=exc)
+        try:
+            self._loop.call_soon_threadsafe(self._fail, exc)
+        except RuntimeError:
+            pass
+
+    def _fail(self, exc: BaseException) -> None:
+        if self._dead is None:
+            self._dead = exc
+        error = exc if isinstance(exc, EngineDeadError) else EngineDeadError(f'the torch engine died: {exc!r}')
+        for collector in self._collectors.values():
+            collector.fail(error)
+
+
+def _resolve(future: asyncio.Future[EngineStats], stats: EngineStats) -> None:
+    if not future.done():
+        future.set_result(stats)
+
+
+def _max_model_len(model: Any, args: TorchEngineArgs) -> int:
+    """The user's ``max_model_len``, or the longest that fits the model, 2048 and the KV budget."""
+    limit = getattr(model.config.get_text_config(), 'max_position_embeddings', None) or 2048
+    if args.max_model_len is not None:
+        if args.max_model_len > limit:
+            raise EngineArgsError(f'max_model_len={args.max_model_len} exceeds the model\'s '
+                                  f'max_position_embeddings={limit}')
+        return args.max_model_len
+    fits_budget = args.kv_cache_memory_bytes // (_bytes_per_token(model) * args.max_num_seqs)
+    max_model_len = min(limit, 2048, max(fits_budget // 256 * 256, 256))
+    logger.info('torch engine: max_model_len=%d (max_num_seqs=%d)', max_model_len, args.max_num_seqs)
+    return max_model_len
+
+
+def _bytes_per_token(model: Any) -> int:
+    config = model.config.get_text_config()
+    head_dim = getattr(config, 'head_dim', None) or config.hidden_size // config.num_attention_heads
+    return SlotKVCache.bytes_per_token(config.num_hidden_layers, config.num_key_value_heads, head_dim, model.dtype)
+
+
+def _check_kv_budget(model: Any, args: TorchEngineArgs, max_model_len: int) -> None:
+    needed = _bytes_per_token(model) * args.max_num_seqs * max_model_len
+    if needed > args.kv_cache_memory_bytes:
+        raise EngineArgsError(
+            f'the KV cache for max_num_seqs={args.max_num_seqs} x max_model_len={max_model_len} needs '
+            f'{needed / 2**30:.2f} GiB, over kv_cache_memory_bytes={args.kv_cache_memory_bytes / 2**30:.2f} GiB; '
+            'lower one of them or raise the budget')
+
+
+def _eos_token_ids(model: Any, tokenizer: Any) -> frozenset[int]:
+    ids: set[int] = set()
+    generation_eos = getattr(getattr(model, 'generation_config', None), 'eos_token_id', None)
+    for value in (generation_eos, tokenizer.eos_token_id):
+        if isinstance(value, int):
+            ids.add(value)
+        elif value:
+            ids.update(value)
+    return frozenset(ids)
+
+

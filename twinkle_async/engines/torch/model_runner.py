@@ -1,0 +1,94 @@
+"""Forward passes over the slot KV cache: packed prefill of new prompts, one-token decode of all rows."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from twinkle_async.engines.torch.kv_cache import SlotKVCache
+from twinkle_async.engines.torch.sequence import Request
+from twinkle_async.engines.torch.slots import SlotTable
+
+__all__ = ['ModelRunner', 'PrefillResult']
+
+
+class PrefillResult:
+    """Logits of each request's last prompt token and, where asked, of every prompt position."""
+
+    __slots__ = ('last_logits', 'prompt_logits')
+
+    def __init__(self, last_logits: torch.Tensor, prompt_logits: dict[str, torch.Tensor]) -> None:
+        self.last_logits = last_logits          # [num_requests, V]
+        self.prompt_logits = prompt_logits      # request_id -> [prompt_len - 1, V]
+
+
+class ModelRunner:
+    """Runs an unmodified Hugging Face causal LM with :class:`SlotKVCache` as its cache."""
+
+    def __init__(self, model: Any, cache: SlotKVCache, table: SlotTable, device: torch.device) -> None:
+        self.model = model
+        self.cache = cache
+        self.table = table
+        self.device = device
+        self.mask_min = torch.finfo(model.dtype).min
+        self.mask_dtype = model.dtype
+
+    def prefill(self, requests: list[Request]) -> PrefillResult:
+        """One packed forward over all prompts; copies the prompt KV to every sample's slot."""
+        lengths = [len(r.prompt_token_ids) for r in requests]
+        input_ids = torch.tensor([t for r in requests for t in r.prompt_token_ids], device=self.device)
+        positions = torch.cat([torch.arange(n, device=self.device) for n in lengths])
+        seq_ids = torch.repeat_interleave(torch.arange(len(requests), device=self.device),
+                                          torch.tensor(lengths, device=self.device))
+        slots = torch.tensor([r.samples[0].slot for r in requests], device=self.device)[seq_ids]
+        keep, spans = self._logits_to_keep(requests, lengths)
+        self.cache.ensure_capacity(max(lengths) + 1)
+        self.cache.plan_prefill(slots, positions)
+        logits = self.model(input_ids=input_ids.unsqueeze(0), position_ids=positions.unsqueeze(0),
+                            attention_mask=self._prefill_mask(seq_ids, positions), past_key_values=self.cache,
+                            use_cache=True, logits_to_keep=keep).logits[0]
+        for request, length in zip(requests, lengths):
+            for sample in request.samples[1:]:
+                self.cache.copy_slot(request.samples[0].slot, sample.slot, length)
+        last = logits[torch.tensor([end - 1 for _, end in spans], device=self.device)]
+        prompt = {r.request_id: logits[start:end - 1] for r, (start, end) in zip(requests, spans)
+                  if r.params.prompt_logprobs is not None}
+        return PrefillResult(last, prompt)
+
+    def decode(self, rows: int) -> torch.Tensor:
+        """One token for each of rows ``0..rows-1``; returns their next-token logits ``[rows, V]``."""
+        positions = self.table.positions[:rows]
+        kv_len = int(positions.max()) + 1
+        self.cache.ensure_capacity(kv_len)
+        self.cache.plan_decode(rows, positions, kv_len)
+        visible = torch.arange(kv_len, device=self.device).unsqueeze(0) <= positions.unsqueeze(1)
+        mask = self._additive(visible)[:, None, None, :]
+        logits = self.model(input_ids=self.table.last_tokens[:rows].unsqueeze(1),
+                            position_ids=positions.unsqueeze(1), attention_mask=mask,
+                            past_key_values=self.cache, use_cache=True, logits_to_keep=1).logits[:, -1]
+        self.table.positions[:rows] += 1
+        return logits
+
+    def _prefill_mask(self, seq_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        same_sequence = seq_ids.unsqueeze(1) == seq_ids.unsqueeze(0)
+        causal = positions.unsqueeze(1) >= positions.unsqueeze(0)
+        return self._additive(same_sequence & causal)[None, None]
+
+    def _additive(self, visible: torch.Tensor) -> torch.Tensor:
+        zero = torch.zeros((), dtype=self.mask_dtype, device=self.device)
+        return torch.where(visible, zero, torch.tensor(self.mask_min, dtype=self.mask_dtype, device=self.device))
+
+    def _logits_to_keep(self, requests: list[Request],
+                        lengths: list[int]) -> tuple[torch.Tensor, list[tuple[int, int]]]:
+        """Token indices whose logits are needed, and each request's span within that selection."""
+        keep: list[int] = []
+        spans: list[tuple[int, int]] = []
+        offset = 0
+        for request, length in zip(requests, lengths):
+            wanted = range(offset, offset + length) if request.params.prompt_logprobs is not None \
+                else range(offset + length - 1, offset + length)
+            spans.append((len(keep), len(keep) + len(wanted)))
+            keep.extend(wanted)
+            offset += length
+        return torch.tensor(keep, device=self.device), spans

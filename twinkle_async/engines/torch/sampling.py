@@ -1,0 +1,83 @@
+"""Batched token selection: penalties, temperature, top-k/top-p, per-sample generators, logprobs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from twinkle_async.engines.torch.slots import SlotTable
+
+__all__ = ['BatchFlags', 'SampledBatch', 'sample_tokens']
+
+
+@dataclass(frozen=True, slots=True)
+class BatchFlags:
+    """Which (costly) steps this batch needs; computed once per step from the running samples."""
+
+    any_penalty: bool
+    all_greedy: bool
+    any_top_k_top_p: bool
+    max_logprobs: int  # -1: nobody wants logprobs
+
+
+@dataclass(slots=True)
+class SampledBatch:
+    tokens: torch.Tensor                     # [B]
+    token_logprobs: Optional[torch.Tensor]   # [B] raw logprob of each sampled token
+    top_ids: Optional[torch.Tensor]          # [B, k]
+    top_logprobs: Optional[torch.Tensor]     # [B, k]
+
+
+def sample_tokens(logits: torch.Tensor, table: SlotTable, rows: slice, flags: BatchFlags) -> SampledBatch:
+    """Pick one token per row of ``logits`` ([B, V], rows ``rows`` of the slot table)."""
+    logits = logits.float()
+    raw_logprobs = torch.log_softmax(logits, dim=-1) if flags.max_logprobs >= 0 else None
+    if flags.any_penalty:
+        logits = _apply_repetition_penalty(logits, table.seen[rows], table.penalty[rows])
+    tokens = logits.argmax(dim=-1)
+    if not flags.all_greedy:
+        scaled = logits / table.temperature[rows].unsqueeze(1)
+        if flags.any_top_k_top_p:
+            scaled = _apply_top_k_top_p(scaled, table.top_k[rows], table.top_p[rows])
+        sampled = _exponential_race(scaled.softmax(dim=-1), table, rows)
+        tokens = torch.where(table.greedy[rows], tokens, sampled)
+    return _with_logprobs(tokens, raw_logprobs, flags.max_logprobs)
+
+
+def _apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: torch.Tensor) -> torch.Tensor:
+    penalty = penalty.unsqueeze(1)
+    penalized = torch.where(logits > 0, logits / penalty, logits * penalty)
+    return torch.where(seen, penalized, logits)
+
+
+def _apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    sorted_logits, order = logits.sort(dim=-1, descending=False)
+    vocab = logits.shape[-1]
+    kth = sorted_logits.gather(1, (vocab - top_k).clamp(min=0).unsqueeze(1))
+    sorted_logits = sorted_logits.masked_fill(sorted_logits < kth, float('-inf'))
+    cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+    drop = cumulative <= (1 - top_p).unsqueeze(1)
+    drop[:, -1] = False
+    sorted_logits = sorted_logits.masked_fill(drop, float('-inf'))
+    return torch.empty_like(logits).scatter_(1, order, sorted_logits)
+
+
+def _exponential_race(probs: torch.Tensor, table: SlotTable, rows: slice) -> torch.Tensor:
+    """Sample ``argmax(p / q)`` with ``q ~ Exp(1)``; a seeded sample draws ``q`` from its own generator."""
+    noise = torch.empty_like(probs).exponential_(generator=table.shared_generator)
+    for offset, generator in enumerate(table.generators[rows]):
+        if generator is not None:
+            noise[offset].exponential_(generator=generator)
+    return (probs / noise).argmax(dim=-1)
+
+
+def _with_logprobs(tokens: torch.Tensor, raw: Optional[torch.Tensor], k: int) -> SampledBatch:
+    if raw is None:
+        return SampledBatch(tokens, None, None, None)
+    token_logprobs = raw.gather(1, tokens.unsqueeze(1)).squeeze(1)
+    if k == 0:
+        return SampledBatch(tokens, token_logprobs, None, None)
+    top_logprobs, top_ids = raw.topk(k, dim=-1)
+    return SampledBatch(tokens, token_logprobs, top_ids, top_logprobs)

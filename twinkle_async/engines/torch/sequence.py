@@ -1,0 +1,62 @@
+"""One request and its samples, as the engine thread tracks them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+from twinkle_async.data_format.outputs import LogprobRow, StopReason
+from twinkle_async.engines.base import EngineRequest, RequestParams
+from twinkle_async.template import IncrementalDetokenizer
+
+__all__ = ['Request', 'Sample']
+
+
+@dataclass(eq=False, slots=True)
+class Sample:
+    """One of a request's ``num_samples`` completions; lives in KV slot ``slot`` while running."""
+
+    request: Request
+    index: int
+    detokenizer: IncrementalDetokenizer
+    slot: int = -1
+    output_ids: list[int] = field(default_factory=list)
+    text: str = ''
+    emitted_chars: int = 0
+    finish_reason: Optional[StopReason] = None
+
+    @property
+    def params(self) -> RequestParams:
+        return self.request.params
+
+    @property
+    def num_cached(self) -> int:
+        """Tokens in the KV cache: the prompt plus every output token but the newest."""
+        return len(self.request.prompt_token_ids) + max(len(self.output_ids) - 1, 0)
+
+    @property
+    def seed(self) -> Optional[int]:
+        seed = self.request.params.seed
+        return None if seed is None else seed + self.index
+
+
+@dataclass(eq=False, slots=True)
+class Request:
+    """A request waiting for slots or running; finished when every sample has a finish reason."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    params: RequestParams
+    samples: list[Sample] = field(default_factory=list)
+    prompt_logprobs: Optional[list[Optional[LogprobRow]]] = None
+
+    @classmethod
+    def from_engine_request(cls, request: EngineRequest, tokenizer: object) -> Request:
+        state = cls(request.request_id, list(request.prompt_token_ids), request.params)
+        state.samples = [Sample(state, i, IncrementalDetokenizer(tokenizer, state.prompt_token_ids))
+                         for i in range(request.params.num_samples)]
+        return state
+
+    @property
+    def finished(self) -> bool:
+        return all(s.finish_reason is not None for s in self.samples)

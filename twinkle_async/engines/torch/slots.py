@@ -1,0 +1,64 @@
+"""Per-slot sampling state as tensors, so every step samples the whole batch with tensor ops."""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+
+from twinkle_async.engines.base import RequestParams
+
+__all__ = ['SlotTable']
+
+
+class SlotTable:
+    """Row ``i`` describes the sample in KV slot ``i``: position, last token, sampling knobs."""
+
+    def __init__(self, num_slots: int, vocab_size: int, device: torch.device, seed: int) -> None:
+        self.vocab_size = vocab_size
+        self.positions = torch.zeros(num_slots, dtype=torch.long, device=device)
+        self.last_tokens = torch.zeros(num_slots, dtype=torch.long, device=device)
+        self.temperature = torch.ones(num_slots, dtype=torch.float32, device=device)
+        self.greedy = torch.zeros(num_slots, dtype=torch.bool, device=device)
+        self.top_k = torch.full((num_slots,), vocab_size, dtype=torch.long, device=device)
+        self.top_p = torch.ones(num_slots, dtype=torch.float32, device=device)
+        self.penalty = torch.ones(num_slots, dtype=torch.float32, device=device)
+        self.seen = torch.zeros((num_slots, vocab_size), dtype=torch.bool, device=device)
+        self.generators: list[Optional[torch.Generator]] = [None] * num_slots
+        self.shared_generator = torch.Generator(device=device)
+        self.shared_generator.manual_seed(seed)
+        self._device = device
+        self._rows = (self.positions, self.last_tokens, self.temperature, self.greedy, self.top_k,
+                      self.top_p, self.penalty, self.seen)
+
+    def assign(self, slot: int, params: RequestParams, prompt: Sequence[int], seed: Optional[int]) -> None:
+        """Fill row ``slot`` for a new sample of a request with ``prompt`` already in the cache."""
+        self.positions[slot] = len(prompt)
+        self.greedy[slot] = params.temperature == 0
+        self.temperature[slot] = params.temperature or 1.0
+        self.top_k[slot] = params.top_k if params.top_k > 0 else self.vocab_size
+        self.top_p[slot] = params.top_p
+        self.penalty[slot] = params.repetition_penalty
+        self.seen[slot] = False
+        if params.repetition_penalty != 1.0:
+            self.seen[slot, torch.as_tensor(prompt, device=self._device)] = True
+        self.generators[slot] = None if seed is None else _generator(seed, self._device)
+
+    def move(self, src: int, dst: int) -> None:
+        """Copy row ``src`` into row ``dst`` (compaction after a release)."""
+        for row in self._rows:
+            row[dst] = row[src]
+        self.generators[dst] = self.generators[src]
+        self.generators[src] = None
+
+    def advance(self, rows: slice, tokens: torch.Tensor) -> None:
+        """Record the tokens just sampled for ``rows``: they are fed at the next position."""
+        self.last_tokens[rows] = tokens
+        start = rows.start or 0
+        self.seen[torch.arange(start, start + len(tokens), device=self._device), tokens] = True
+
+
+def _generator(seed: int, device: torch.device) -> torch.Generator:
+    generator = torch.Generator(device=device)
+    generator.manual_seed(seed)
+    return generator

@@ -1,0 +1,156 @@
+"""``AsyncSampler``: the engine-agnostic asyncio core (inputs -> engine requests -> responses/deltas)."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from pathlib import Path
+from typing import Any, AsyncIterator, Mapping, Optional, Sequence, Type, Union
+
+from twinkle_async.data_format.outputs import SampleResponse, TokenDelta
+from twinkle_async.engines.base import Engine, EngineRequest
+from twinkle_async.engines.factory import ENGINE_KINDS, create_engine
+from twinkle_async.errors import AdapterNotFoundError, ConfigurationError, TwinkleAsyncError
+from twinkle_async.models import DEFAULT_MODEL, resolve_model
+from twinkle_async.sampler.requests import ParamsLike, coerce_params, prompt_token_ids, resolve_params
+from twinkle_async.sampler.responses import ResponseBuilder, to_delta
+from twinkle_async.template import Template, build_template
+
+__all__ = ['AsyncSampler']
+
+InputLike = Mapping[str, Any]
+TemplateSpec = Union[str, Template, Type[Template]]
+
+
+class AsyncSampler:
+    """Sample rollouts with ``await sampler.sample(...)`` or ``async for d in sampler.stream(...)``.
+
+    Args:
+        model_id: a local HF directory, ``'smollm2-135m-instruct'`` (default) or a hub id.
+        engine: ``'torch'`` (native continuous batching) or ``'vllm'``.
+        engine_args: engine options (``dtype``, ``max_model_len``, ``max_num_seqs``, ``seed``, ...).
+        template: a template name, class or instance; the model's chat template by default.
+
+    Use as ``async with AsyncSampler(...) as sampler:`` (or ``await start()`` / ``await close()``).
+    Any number of tasks may sample concurrently; the engine batches them together.
+    """
+
+    def __init__(self, model_id: str = DEFAULT_MODEL, engine: str = 'torch',
+                 engine_args: Optional[Mapping[str, Any]] = None, template: Optional[TemplateSpec] = None) -> None:
+        if engine not in ENGINE_KINDS:
+            raise ConfigurationError(f'unknown engine {engine!r}; choose one of {ENGINE_KINDS}')
+        self.model_id = model_id
+        self.engine_kind = engine
+        self.engine_args = dict(engine_args or {})
+        self._template_spec = template
+        self._engine: Optional[Engine] = None
+        self._template: Optional[Template] = None
+        self.model_dir: Optional[Path] = None
+
+    async def __aenter__(self) -> AsyncSampler:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    async def start(self) -> None:
+        """Resolve the model and start the engine (idempotent).
+
+        Raises:
+            ModelNotFoundError, EngineArgsError, ConfigurationError: the sampler cannot be built.
+        """
+        if self._engine is not None:
+            return
+        self.model_dir = await asyncio.to_thread(resolve_model, self.model_id)
+        self._engine = await create_engine(self.engine_kind, self.model_dir, self.engine_args)
+        self._template = build_template(self._template_spec or 'default', self._engine.tokenizer)
+
+    async def close(self) -> None:
+        """Stop the engine; open requests fail with ``EngineDeadError``."""
+        if self._engine is not None:
+            engine, self._engine = self._engine, None
+            await engine.close()
+
+    @property
+    def engine(self) -> Engine:
+        if self._engine is None:
+            raise ConfigurationError('the sampler is not started: use "async with" or await start()')
+        return self._engine
+
+    @property
+    def template(self) -> Template:
+        self.engine  # noqa: B018 - raises when not started
+        assert self._template is not None
+        return self._template
+
+    def set_template(self, template: TemplateSpec, **kwargs: Any) -> None:
+        """Use another chat template: a registered name ('chatml', 'default'), a class or an instance.
+
+        Raises:
+            TemplateNotFoundError: an unknown name.
+        """
+        self._template = build_template(template, self.engine.tokenizer, **kwargs)
+
+    async def sample(self, inputs: Union[InputLike, Sequence[InputLike]], sampling_params: ParamsLike = None,
+                     adapter_name: str = '', *, num_samples: Optional[int] = None,
+                     return_exceptions: bool = False) -> Any:
+        """Sample completions for one input (-> ``SampleResponse``) or a list (-> list, in order).
+
+        Args:
+            inputs: a ``Trajectory`` (``messages``) or an ``InputFeature`` (``input_ids``), or a list.
+            sampling_params: ``SamplingParams``, a dict of its fields, or ``None`` for defaults.
+            adapter_name: LoRA adapter to sample with ('' for the base model).
+            num_samples: completions per input (overrides ``sampling_params.num_samples``).
+            return_exceptions: for a list, put a failed item's error in its place instead of raising;
+                the other items always run to completion.
+
+        Raises:
+            InvalidRequestError: a bad input or parameter (named in the message).
+            EngineDeadError: the engine died.
+        """
+        params = coerce_params(sampling_params, num_samples)
+        if isinstance(inputs, Mapping):
+            return await self._sample_one(inputs, params, adapter_name)
+        results = await asyncio.gather(*(self._sample_one(item, params, adapter_name) for item in inputs),
+                                       return_exceptions=True)
+        for result in results:
+            if isinstance(result, BaseException) and not (return_exceptions and isinstance(result, TwinkleAsyncError)):
+                raise result
+        return results
+
+    async def stream(self, inputs: InputLike, sampling_params: ParamsLike = None, adapter_name: str = '', *,
+                     num_samples: Optional[int] = None) -> AsyncIterator[TokenDelta]:
+        """Yield ``TokenDelta``s of every sample as they are generated.
+
+        Leaving the loop early (``break``, cancellation, ``aclose()``) aborts the request in the engine.
+
+        Raises:
+            InvalidRequestError: a bad input or parameter. EngineDeadError: the engine died.
+        """
+        request = self._request(inputs, coerce_params(sampling_params, num_samples), adapter_name)
+        generator = self.engine.generate(request)
+        try:
+            async for output in generator:
+                yield to_delta(output)
+        finally:
+            await generator.aclose()
+
+    async def _sample_one(self, item: InputLike, params: Any, adapter_name: str) -> SampleResponse:
+        request = self._request(item, params, adapter_name)
+        builder = ResponseBuilder(request.prompt_token_ids, params.num_samples, params.logprobs is not None)
+        generator = self.engine.generate(request)
+        try:
+            async for output in generator:
+                builder.add(output)
+        finally:
+            await generator.aclose()
+        return builder.build()
+
+    def _request(self, item: InputLike, params: Any, adapter_name: str) -> EngineRequest:
+        engine = self.engine
+        if adapter_name:
+            raise AdapterNotFoundError(f'adapter {adapter_name!r} was never added to this sampler')
+        prompt = prompt_token_ids(item, self.template, engine.vocab_size)
+        resolved = resolve_params(params, len(prompt), engine.max_model_len, engine.vocab_size)
+        return EngineRequest(uuid.uuid4().hex, prompt, resolved, adapter_name or None)

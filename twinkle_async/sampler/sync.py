@@ -1,0 +1,98 @@
+"""Blocking facades with Twinkle's constructors: they run the async core on one portal thread."""
+
+from __future__ import annotations
+
+import weakref
+from typing import Any, Iterator, Mapping, Optional, Type, Union
+
+from twinkle_async.data_format.outputs import SampleResponse, TokenDelta
+from twinkle_async.errors import NotSupportedError
+from twinkle_async.mesh import DeviceMesh, check_local_mesh
+from twinkle_async.models import DEFAULT_MODEL
+from twinkle_async.sampler.async_sampler import AsyncSampler
+from twinkle_async.sampler.base import Inputs, Sampler
+from twinkle_async.sampler.portal import Portal
+from twinkle_async.sampler.requests import ParamsLike
+from twinkle_async.template import Template
+
+__all__ = ['BlockingSampler', 'TorchSampler', 'vLLMSampler']
+
+
+class BlockingSampler(Sampler):
+    """Blocking face of an :class:`AsyncSampler`; holds no sampling logic of its own."""
+
+    engine_kind = 'torch'
+
+    def __init__(self, model_id: str = DEFAULT_MODEL, device_mesh: Optional[DeviceMesh] = None,
+                 engine_args: Optional[Mapping[str, Any]] = None, remote_group: Optional[str] = None,
+                 **kwargs: Any) -> None:
+        check_local_mesh(device_mesh, remote_group)
+        self.device_mesh = device_mesh or DeviceMesh()
+        self.async_sampler = AsyncSampler(model_id, engine=self.engine_kind,
+                                          engine_args=self._engine_args(engine_args, kwargs))
+        self._portal = Portal()
+        self._finalizer = weakref.finalize(self, _shutdown, self._portal, self.async_sampler)
+        try:
+            self._portal.call(self.async_sampler.start)
+        except BaseException:
+            self._finalizer()
+            raise
+
+    def _engine_args(self, engine_args: Optional[Mapping[str, Any]], kwargs: dict[str, Any]) -> dict[str, Any]:
+        return {**(engine_args or {}), **kwargs}
+
+    def sample(self, inputs: Inputs, sampling_params: ParamsLike = None, adapter_name: str = '', *,
+               num_samples: int = 1, return_exceptions: bool = False) -> Union[SampleResponse, list[SampleResponse]]:
+        """See :meth:`AsyncSampler.sample`."""
+        return self._portal.call(self.async_sampler.sample, inputs, sampling_params, adapter_name,
+                                 num_samples=num_samples, return_exceptions=return_exceptions)
+
+    def stream(self, inputs: Mapping[str, Any], sampling_params: ParamsLike = None, adapter_name: str = '', *,
+               num_samples: int = 1) -> Iterator[TokenDelta]:
+        """See :meth:`AsyncSampler.stream`."""
+        agen = self.async_sampler.stream(inputs, sampling_params, adapter_name, num_samples=num_samples)
+        return self._portal.iterate(agen)
+
+    def set_template(self, template_cls: Union[str, Template, Type[Template]], **kwargs: Any) -> None:
+        self.async_sampler.set_template(template_cls, **kwargs)
+
+    def close(self) -> None:
+        self._finalizer()
+
+    def __enter__(self) -> BlockingSampler:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+class TorchSampler(BlockingSampler):
+    """Blocking sampler on the native PyTorch engine (no tensor parallelism)."""
+
+    engine_kind = 'torch'
+
+    def _engine_args(self, engine_args: Optional[Mapping[str, Any]], kwargs: dict[str, Any]) -> dict[str, Any]:
+        if self.device_mesh.tp_size > 1:
+            raise NotSupportedError(f'tp_size={self.device_mesh.tp_size}: the torch engine has no tensor '
+                                    'parallelism; use vLLMSampler')
+        return super()._engine_args(engine_args, kwargs)
+
+
+class vLLMSampler(BlockingSampler):  # noqa: N801 - Twinkle's name
+    """Blocking sampler on vLLM's ``AsyncLLM``; ``device_mesh.tp_size`` becomes ``tensor_parallel_size``."""
+
+    engine_kind = 'vllm'
+
+    def _engine_args(self, engine_args: Optional[Mapping[str, Any]], kwargs: dict[str, Any]) -> dict[str, Any]:
+        merged = super()._engine_args(engine_args, kwargs)
+        if self.device_mesh.tp_size > 1:
+            merged.setdefault('tensor_parallel_size', self.device_mesh.tp_size)
+        return merged
+
+
+def _shutdown(portal: Portal, sampler: AsyncSampler) -> None:
+    try:
+        if portal.loop.is_running():
+            portal.call(sampler.close)
+    finally:
+        portal.stop()
