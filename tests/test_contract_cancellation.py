@@ -1,0 +1,82 @@
+"""Engine contract: cancelled consumers abort their requests and free every slot (every engine)."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+
+from conftest import within
+
+
+def chat(text: str) -> dict:
+    return {'messages': [{'role': 'user', 'content': text}]}
+
+
+async def consume(sampler, how: str, after: int, max_tokens: int) -> int:
+    """Read ``after`` deltas, then leave the stream the way ``how`` says; returns deltas seen."""
+    seen = 0
+    stream = sampler.stream(chat(f'n = {after}'), {'max_tokens': max_tokens, 'ignore_eos': True, 'seed': after})
+    if how == 'aclose':
+        async for _ in stream:
+            seen += 1
+            if seen >= after:
+                break
+        await stream.aclose()
+        return seen
+    async for _ in stream:
+        seen += 1
+        if seen >= after:
+            break
+    return seen
+
+
+async def test_200_streams_cancelled_at_random_points_free_every_slot(sampler):
+    rng = random.Random(0)
+    tasks = []
+    started = asyncio.Event()
+    for i in range(200):
+        how = rng.choice(['break', 'aclose', 'cancel'])
+        tasks.append((how, asyncio.create_task(consume(sampler, how, rng.randint(1, 40), rng.randint(1, 48)))))
+    started.set()
+    for how, task in tasks:
+        if how == 'cancel':
+            await asyncio.sleep(0)
+            task.cancel()
+    await within(asyncio.gather(*(t for _, t in tasks), return_exceptions=True))
+    stats = await within(sampler.engine.stats())
+    assert (stats.waiting, stats.running, stats.used_slots) == (0, 0, 0)
+    response = await within(sampler.sample(chat('after the storm'), {'max_tokens': 8, 'ignore_eos': True}))
+    assert len(response.sequences[0].tokens) == 8
+
+
+async def test_cancelling_a_sample_call_aborts_it(sampler):
+    got_first = asyncio.Event()
+
+    async def slow_stream() -> None:
+        async for _ in sampler.stream(chat('long'), {'max_tokens': 400, 'ignore_eos': True}):
+            got_first.set()
+
+    task = asyncio.create_task(slow_stream())
+    await within(got_first.wait())
+    task.cancel()
+    await within(asyncio.gather(task, return_exceptions=True))
+    stats = await within(sampler.engine.stats())
+    assert stats.used_slots == 0 and stats.running == 0
+
+
+async def test_abort_ends_the_stream_with_abort_and_partial_tokens(sampler):
+    first = asyncio.Event()
+    results: list = []
+
+    async def run() -> None:
+        request = sampler._request(chat('abort me'), __import__('twinkle_async').SamplingParams(
+            max_tokens=400, ignore_eos=True), '')
+        async for output in sampler.engine.generate(request):
+            results.append(output)
+            if len(results) == 2:
+                first.set()
+                await sampler.engine.abort(request.request_id)
+
+    await within(run())
+    assert results[-1].finish_reason == 'abort'
+    assert sum(len(o.token_ids) for o in results) < 400
