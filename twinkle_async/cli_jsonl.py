@@ -236,6 +236,8 @@ def _path_problem(input_path: str, output_path: str, overwrite: bool) -> Optiona
         return f'--output {output_path} is the input file'
     if Path(output_path).exists() and not overwrite:
         return f'output file {output_path} already exists (pass --overwrite to replace it)'
+    if not Path(output_path).resolve().parent.is_dir():
+        return f'the folder of --output {output_path} does not exist'
     return None
 
 

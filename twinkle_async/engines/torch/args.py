@@ -29,7 +29,7 @@ class TorchEngineArgs(BaseModel):
     device: str = 'auto'
     kv_cache_memory_bytes: int = Field(default=4 * 2**30, ge=1)
     trust_remote_code: bool = False
-    attn_implementation: Literal['sdpa', 'eager'] = 'sdpa'
+    attn_implementation: Literal['twinkle', 'sdpa', 'eager'] = 'twinkle'
     num_threads: Optional[int] = Field(default=None, ge=1)
 
 

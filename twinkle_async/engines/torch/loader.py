@@ -8,6 +8,7 @@ from typing import Any
 import torch
 
 from twinkle_async.engines.torch.args import TorchEngineArgs
+from twinkle_async.engines.torch.attention import register_attention
 from twinkle_async.errors import ConfigurationError, EngineArgsError
 
 __all__ = ['load_model', 'resolve_device', 'resolve_dtype']
@@ -38,6 +39,7 @@ def load_model(model_dir: Path, args: TorchEngineArgs) -> tuple[Any, Any]:
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    register_attention()
     if args.num_threads:
         torch.set_num_threads(args.num_threads)
     device = resolve_device(args.device)

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import itertools
 from typing import Any
 
 import torch
 
+from twinkle_async.engines.torch.attention import ATTENTION_NAME
 from twinkle_async.engines.torch.kv_cache import SlotKVCache
 from twinkle_async.engines.torch.sequence import Request
 from twinkle_async.engines.torch.slots import SlotTable
@@ -33,6 +35,7 @@ class ModelRunner:
         self.device = device
         self.mask_min = torch.finfo(model.dtype).min
         self.mask_dtype = model.dtype
+        self.packed_bounds = model.config._attn_implementation == ATTENTION_NAME
 
     def prefill(self, requests: list[Request]) -> PrefillResult:
         """One packed forward over all prompts; copies the prompt KV to every sample's slot."""
@@ -46,8 +49,8 @@ class ModelRunner:
         self.cache.ensure_capacity(max(lengths) + 1)
         self.cache.plan_prefill(slots, positions)
         logits = self.model(input_ids=input_ids.unsqueeze(0), position_ids=positions.unsqueeze(0),
-                            attention_mask=self._prefill_mask(seq_ids, positions), past_key_values=self.cache,
-                            use_cache=True, logits_to_keep=keep).logits[0]
+                            past_key_values=self.cache, use_cache=True, logits_to_keep=keep,
+                            **self._prefill_attention(seq_ids, positions, lengths)).logits[0]
         for request, length in zip(requests, lengths):
             for sample in request.samples[1:]:
                 self.cache.copy_slot(request.samples[0].slot, sample.slot, length)
@@ -69,6 +72,14 @@ class ModelRunner:
                             past_key_values=self.cache, use_cache=True, logits_to_keep=1).logits[:, -1]
         self.table.positions[:rows] += 1
         return logits
+
+    def _prefill_attention(self, seq_ids: torch.Tensor, positions: torch.Tensor,
+                           lengths: list[int]) -> dict[str, torch.Tensor]:
+        """Sequence bounds for our attention; a block-diagonal causal mask for HF's own ones."""
+        if self.packed_bounds:
+            bounds = torch.tensor([0, *itertools.accumulate(lengths)], device=self.device)
+            return {'cu_seq_lens_q': bounds, 'cu_seq_lens_k': bounds}
+        return {'attention_mask': self._prefill_mask(seq_ids, positions)}
 
     def _prefill_mask(self, seq_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         same_sequence = seq_ids.unsqueeze(1) == seq_ids.unsqueeze(0)
