@@ -150,5 +150,7 @@ def _describe(exc: ValidationError) -> str:
         message = error['msg'].removeprefix('Value error, ')
         if error['type'] == 'extra_forbidden':
             message = 'unknown sampling parameter'
-        parts.append(f'{field}: {message} (got {error.get("input")!r})')
+        if 'got' not in message:
+            message += f' (got {error.get("input")!r})'
+        parts.append(f'{field}: {message}')
     return 'invalid SamplingParams: ' + '; '.join(parts)

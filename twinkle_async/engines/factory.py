@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any, Mapping, Optional
 
 from twinkle_async.engines.base import Engine
-from twinkle_async.errors import ConfigurationError
+from twinkle_async.errors import ConfigurationError, NotSupportedError
 
 __all__ = ['ENGINE_KINDS', 'create_engine']
 
@@ -18,12 +18,16 @@ async def create_engine(kind: str, model_dir: Path, engine_args: Optional[Mappin
 
     Raises:
         ConfigurationError: an unknown kind.
+        NotSupportedError: the engine's package is not installed.
         EngineArgsError: unknown or invalid ``engine_args``.
     """
     if kind == 'torch':
         from twinkle_async.engines.torch import TorchEngine
         return await TorchEngine.create(model_dir, engine_args)
     if kind == 'vllm':
-        from twinkle_async.engines.vllm import VLLMEngine
+        try:
+            from twinkle_async.engines.vllm import VLLMEngine
+        except ImportError as exc:
+            raise NotSupportedError(f"engine='vllm' is not available here: {exc}") from exc
         return await VLLMEngine.create(model_dir, engine_args)
     raise ConfigurationError(f'unknown engine {kind!r}; choose one of {ENGINE_KINDS}')
