@@ -14,7 +14,7 @@ import pytest_asyncio
 
 os.environ.setdefault('TOKENIZERS_PARALLELISM', 'false')
 
-ENGINES = ['torch']
+ENGINES = ['torch', 'vllm']
 CHATML = (
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + "
     "'<|im_end|>\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"

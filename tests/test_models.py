@@ -42,7 +42,8 @@ def test_two_processes_converting_at_once_both_get_a_complete_model(tmp_path):
     assert len(paths) == 1
     model_dir = paths.pop()
     assert os.path.isfile(os.path.join(model_dir, '.twinkle-async-complete'))
-    leftovers = [n for n in os.listdir(os.path.join(str(tmp_path), 'models')) if n.startswith('.smollm2-135m-instruct-')]
+    staging = os.listdir(os.path.join(str(tmp_path), 'models'))
+    leftovers = [n for n in staging if n.startswith('.smollm2-135m-instruct-')]
     assert leftovers == [], 'no half-written staging directory is left behind'
     from transformers import AutoModelForCausalLM
     assert AutoModelForCausalLM.from_pretrained(model_dir).config.num_hidden_layers == 30

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from typing import Any, Sequence, Type, Union
 
-from twinkle_async.data_format.inputs import InputFeature, Message, Tool, Trajectory
+from twinkle_async.data_format.inputs import InputFeature, Message, Trajectory
 from twinkle_async.errors import InvalidInputError, TemplateNotFoundError
 
 __all__ = ['Template', 'ChatMLTemplate', 'IncrementalDetokenizer', 'TEMPLATES', 'build_template']

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Any, Iterator, Mapping, Optional, Sequence, Type, Union
+from typing import Any, Iterator, Mapping, Sequence, Type, Union
 
 from twinkle_async.data_format.outputs import SampleResponse, TokenDelta
 from twinkle_async.sampler.requests import ParamsLike

@@ -8,7 +8,6 @@ import threading
 from pathlib import Path
 from typing import Any, AsyncIterator, Mapping, Optional
 
-import torch
 
 from twinkle_async.engines.base import EngineOutput, EngineRequest, EngineStats
 from twinkle_async.engines.collector import RequestCollector

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Optional
 
-from twinkle_async.data_format.outputs import LogprobRow, StopReason
+from twinkle_async.data_format.outputs import LogprobRow
 from twinkle_async.engines.base import EngineOutput
 from twinkle_async.engines.torch.sampling import SampledBatch
 from twinkle_async.engines.torch.sequence import Sample

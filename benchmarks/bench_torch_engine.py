@@ -1,0 +1,267 @@
+"""Throughput of twinkle_async's torch engine against two transformers baselines, on one workload.
+
+Systems (same model, dtype, prompts and per-request ``max_tokens``; greedy; EOS ignored so every
+request generates exactly its ``max_tokens``):
+
+  (a) ours       ``AsyncSampler(engine='torch')``, all requests submitted concurrently
+                 (``asyncio.gather`` of one ``sample`` call per request).
+  (b) hf-static  ``model.generate`` in padded static batches of 8 (left padding); each batch runs to
+                 the longest ``max_tokens`` in it, but only each request's own ``max_tokens`` count.
+  (c) hf-cb      transformers' continuous batching (``ContinuousBatchingManager`` through
+                 ``model.continuous_batching_context_manager``), one ``add_request`` per prompt with its
+                 own ``max_new_tokens``; KV memory bounded explicitly (``num_blocks``, ``max_batch_tokens``).
+
+Workload: chat prompts of mixed length (~20-300 tokens, the default model's chat template) with mixed
+``max_tokens`` (16-128), seeded. Models: ``tiny`` (a random 4-layer Llama, hidden 256, built here) and
+``default`` (SmolLM2-135M-Instruct via ``twinkle_async.resolve_model``). Each system is warmed up on two
+requests before the timed run. Tokens/s counts useful generated tokens over wall time of the timed run
+(engine start-up and model loading excluded; with ``--repeats N`` the fastest of N runs). Also reports
+token-for-token parity of (a) and (c) with (b), and "cpu util" (process CPU seconds per wall second, about
+the thread count on an idle machine: a lower value means other work took the CPU during that run).
+
+Run:
+    .venv/bin/python benchmarks/bench_torch_engine.py                       # float32, tiny and default
+    .venv/bin/python benchmarks/bench_torch_engine.py --dtype bfloat16 --models default --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import math
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import (Stopwatch, SystemResult, Workload, best_of, build_chat_workload, build_tiny_llama,  # noqa: E402
+                    count_mismatches, cpu_pressure, format_table, iter_batches, machine_info, timed, write_json)
+
+import twinkle_async  # noqa: E402
+from twinkle_async.engines.torch import TorchEngineArgs  # noqa: E402
+
+DTYPES = {'float32': torch.float32, 'bfloat16': torch.bfloat16}
+STATIC_BATCH = 8
+CB_PAGE_SIZE = 256
+# The torch engine's prefill token budget; hf-cb gets the same per-forward token budget.
+MAX_BATCH_TOKENS = TorchEngineArgs.model_fields['max_num_batched_tokens'].default
+NOTES = [
+    f'(b) pads each batch of {STATIC_BATCH} to its longest prompt and runs it to its largest max_tokens; '
+    'only each request\'s own max_tokens count as useful tokens.',
+    f'(c) per-request max_new_tokens via add_request; num_blocks sized so max_num_seqs of the longest requests fit '
+    f'(page_size {CB_PAGE_SIZE}), max_batch_tokens={MAX_BATCH_TOKENS}, max_requests_per_batch=max_num_seqs, '
+    'prefix sharing off (our engine has no prefix cache), sdpa attention (no flash kernels on CPU).',
+    'EOS is disabled on (b)/(c) (generation_config.eos_token_id=None / -1) and ignored on (a) (ignore_eos=True).',
+    'cpu util = process CPU s / wall s during the timed run (~torch threads when uncontended); compare ratios '
+    'only between runs with similar cpu util.',
+]
+
+
+# ----------------------------------------------------------------------------- (a) our engine
+async def _sample_all(sampler: Any, workload: Workload) -> list[list[int]]:
+    responses = await asyncio.gather(*(
+        sampler.sample({'input_ids': ids}, {'max_tokens': m, 'temperature': 0, 'ignore_eos': True})
+        for ids, m in zip(workload.prompts, workload.max_tokens)))
+    return [list(r.sequences[0].tokens) for r in responses]
+
+
+async def _run_ours_async(model_dir: Path, workload: Workload, dtype: str, max_num_seqs: int,
+                          repeats: int) -> SystemResult:
+    engine_args = {'dtype': dtype, 'max_num_seqs': max_num_seqs}
+    best: Optional[tuple[list[list[int]], Stopwatch]] = None
+    async with twinkle_async.AsyncSampler(str(model_dir), engine='torch', engine_args=engine_args) as sampler:
+        await _sample_all(sampler, workload.head(2))
+        for _ in range(max(repeats, 1)):
+            with timed() as watch:
+                outputs = await _sample_all(sampler, workload)
+            if best is None or watch.seconds < best[1].seconds:
+                best = (outputs, watch)
+    assert best is not None
+    return _result('(a) ours torch engine', *best)
+
+
+def run_ours(model_dir: Path, workload: Workload, dtype: str, max_num_seqs: int, repeats: int) -> SystemResult:
+    return asyncio.run(_run_ours_async(model_dir, workload, dtype, max_num_seqs, repeats))
+
+
+def _result(system: str, outputs: list[list[int]], watch: Stopwatch) -> SystemResult:
+    return SystemResult(system, sum(map(len, outputs)), watch.seconds, outputs, watch.cpu_seconds)
+
+
+# ----------------------------------------------------------------------------- baselines
+def load_hf_model(model_dir: Path, dtype: str) -> Any:
+    """The model as the baselines use it, with EOS disabled so lengths are fixed."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=DTYPES[dtype]).eval().requires_grad_(False)
+    model.generation_config.eos_token_id = None  # otherwise generate() fills it back in from here
+    return model
+
+
+def _left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(map(len, prompts))
+    ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    return ids, mask
+
+
+def _generate_static(model: Any, workload: Workload, pad_id: int) -> list[list[int]]:
+    from transformers import GenerationConfig
+
+    outputs: list[list[int]] = []
+    for prompts, max_tokens in zip(iter_batches(workload.prompts, STATIC_BATCH),
+                                   iter_batches(workload.max_tokens, STATIC_BATCH)):
+        ids, mask = _left_pad(list(prompts), pad_id)
+        config = GenerationConfig(max_new_tokens=max(max_tokens), do_sample=False, pad_token_id=pad_id)
+        with torch.inference_mode():
+            generated = model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
+        new = generated[:, ids.shape[1]:].tolist()
+        assert all(len(row) == max(max_tokens) for row in new), 'hf-static stopped early (EOS not disabled?)'
+        outputs += [row[:m] for row, m in zip(new, max_tokens)]
+    return outputs
+
+
+def run_hf_static(model_dir: Path, workload: Workload, dtype: str, pad_id: int, repeats: int) -> SystemResult:
+    model = load_hf_model(model_dir, dtype)
+    _generate_static(model, workload.head(2), pad_id)
+    best = best_of(repeats, lambda: _generate_static(model, workload, pad_id))
+    return _result(f'(b) hf generate, static batch {STATIC_BATCH}', *best)
+
+
+def _cb_configs(workload: Workload, max_num_seqs: int, pad_id: int) -> tuple[Any, Any]:
+    from transformers import GenerationConfig
+    from transformers.generation.configuration_utils import ContinuousBatchingConfig
+
+    longest = max(len(p) + m for p, m in zip(workload.prompts, workload.max_tokens))
+    num_blocks = max_num_seqs * (math.ceil(longest / CB_PAGE_SIZE) + 1)
+    generation = GenerationConfig(do_sample=False, max_new_tokens=max(workload.max_tokens), eos_token_id=-1,
+                                  pad_token_id=pad_id)
+    batching = ContinuousBatchingConfig(page_size=CB_PAGE_SIZE, num_blocks=num_blocks, max_batch_tokens=MAX_BATCH_TOKENS,
+                                        max_requests_per_batch=max_num_seqs, allow_block_sharing=False)
+    return generation, batching
+
+
+def _cb_generate(manager: Any, workload: Workload, tag: str) -> list[list[int]]:
+    tag = f'{tag}-{uuid.uuid4().hex[:8]}-'
+    ids = [manager.add_request(p, request_id=f'{tag}{i}', max_new_tokens=m, eos_token_id=-1)
+           for i, (p, m) in enumerate(zip(workload.prompts, workload.max_tokens))]
+    results: dict[str, Any] = {}
+    while len(results) < len(ids):
+        result = manager.get_result(timeout=60)
+        if result is None:
+            raise RuntimeError(f'hf-cb: no result within 60 s ({len(results)}/{len(ids)} done)')
+        if result.is_finished():
+            if result.error is not None:
+                raise RuntimeError(f'hf-cb request {result.request_id} failed: {result.error}')
+            results[result.request_id] = result
+    return [list(results[i].generated_tokens) for i in ids]
+
+
+def run_hf_cb(model_dir: Path, workload: Workload, dtype: str, max_num_seqs: int, pad_id: int,
+              repeats: int) -> SystemResult:
+    model = load_hf_model(model_dir, dtype)
+    generation, batching = _cb_configs(workload, max_num_seqs, pad_id)
+    with model.continuous_batching_context_manager(generation_config=generation,
+                                                   continuous_batching_config=batching) as manager:
+        _cb_generate(manager, workload.head(2), 'warmup')
+        best = best_of(repeats, lambda: _cb_generate(manager, workload, 'req'))
+    return _result('(c) hf continuous batching', *best)
+
+
+# ----------------------------------------------------------------------------- driver
+def resolve_model_dir(name: str, tokenizer: Any, scratch: Path) -> Path:
+    if name == 'default':
+        return twinkle_async.resolve_model(twinkle_async.DEFAULT_MODEL)
+    if name == 'tiny':
+        return build_tiny_llama(scratch / 'tiny-llama', tokenizer, seed=0)
+    return twinkle_async.resolve_model(name)
+
+
+def _ratio(value: float, base: Optional[float]) -> str:
+    return f'{value / base:.2f}x' if base else '-'
+
+
+def report(model: str, dtype: str, workload: Workload, results: list[SystemResult]) -> dict[str, Any]:
+    """Print one model's table and parity; return the same figures for JSON."""
+    static, cb = results[1].tokens_per_s, results[2].tokens_per_s
+    rows = [[r.system, r.tokens, r.seconds, r.tokens_per_s, _ratio(r.tokens_per_s, static), _ratio(r.tokens_per_s, cb),
+             f'{r.cpu_util:.2f}'] for r in results]
+    print(f'\n=== model={model} dtype={dtype}: {workload.describe()}')
+    print(format_table(['system', 'tokens', 'seconds', 'tokens/s', 'vs (b)', 'vs (c)', 'cpu util'], rows))
+    parity = {}
+    for other in (results[0], results[2]):
+        mismatches, first = count_mismatches(other.outputs, results[1].outputs)
+        parity[other.system] = {'mismatched_requests': mismatches, 'first_diff_position': first}
+        where = f' (first request\'s first differing token at position {first})' if mismatches else ''
+        print(f'parity {other.system[:3]} vs (b): {mismatches}/{len(workload)} requests differ{where}')
+    for r in results:
+        wrong = [i for i, (out, m) in enumerate(zip(r.outputs, workload.max_tokens)) if len(out) != m]
+        if wrong:
+            print(f'WARNING {r.system}: {len(wrong)} requests did not generate exactly max_tokens (e.g. #{wrong[0]})')
+    return {'model': model, 'dtype': dtype, 'workload': workload.describe(), 'parity_vs_b': parity,
+            'systems': [{'system': r.system, 'tokens': r.tokens, 'seconds': r.seconds, 'tokens_per_s': r.tokens_per_s,
+                         'vs_b': r.tokens_per_s / static, 'vs_c': r.tokens_per_s / cb, 'cpu_seconds': r.cpu_seconds}
+                        for r in results]}
+
+
+def run_model(name: str, model_dir: Path, workload: Workload, args: argparse.Namespace, pad_id: int) -> dict[str, Any]:
+    print(f'\n--- {name}: {model_dir}', flush=True)
+    results = []
+    n, r = args.max_num_seqs, args.repeats
+    for label, run in (('a', lambda: run_ours(model_dir, workload, args.dtype, n, r)),
+                       ('b', lambda: run_hf_static(model_dir, workload, args.dtype, pad_id, r)),
+                       ('c', lambda: run_hf_cb(model_dir, workload, args.dtype, n, pad_id, r))):
+        result = run()
+        print(f'  ({label}) {result.tokens} tokens in {result.seconds:.1f} s = {result.tokens_per_s:.1f} tok/s, '
+              f'cpu util {result.cpu_util:.2f}, cpu pressure avg10 {cpu_pressure()}%', flush=True)
+        results.append(result)
+    return report(name, args.dtype, workload, results)
+
+
+def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    parser.add_argument('--dtype', choices=sorted(DTYPES), default='float32')
+    parser.add_argument('--num-requests', type=int, default=64)
+    parser.add_argument('--models', default='tiny,default', help='comma-separated: tiny, default, or a model dir/id')
+    parser.add_argument('--max-num-seqs', type=int, default=64)
+    parser.add_argument('--seed', type=int, default=0, help='workload seed')
+    parser.add_argument('--repeats', type=int, default=1, help='timed runs per system; the fastest is reported')
+    parser.add_argument('--threads', type=int, default=None, help='torch.set_num_threads (default: torch\'s own)')
+    parser.add_argument('--json', type=Path, default=None, help='also write the figures here')
+    return parser.parse_args(argv)
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    from transformers import AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    started = time.perf_counter()
+    tokenizer = AutoTokenizer.from_pretrained(twinkle_async.resolve_model(twinkle_async.DEFAULT_MODEL))
+    workload = build_chat_workload(tokenizer, args.num_requests, seed=args.seed)
+    info = machine_info()
+    print(f'machine: {info}\nworkload: {workload.describe()}')
+    reports = []
+    with tempfile.TemporaryDirectory(prefix='bench-torch-engine-') as scratch:
+        for name in args.models.split(','):
+            model_dir = resolve_model_dir(name.strip(), tokenizer, Path(scratch))
+            reports.append(run_model(name.strip(), model_dir, workload, args, tokenizer.pad_token_id))
+    total = time.perf_counter() - started
+    print('\nnotes:\n' + '\n'.join(f'- {n}' for n in NOTES) + f'\ntotal run time: {total:.0f} s')
+    if args.json:
+        write_json(args.json, {'machine': info, 'args': vars(args), 'notes': NOTES, 'results': reports,
+                               'total_seconds': total})
+
+
+if __name__ == '__main__':
+    main()

@@ -1,0 +1,60 @@
+"""vLLM-specific behaviour: engine-core death, engine_args validation, CPU defaults."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+
+import psutil
+import pytest
+
+from conftest import within
+from twinkle_async import AsyncSampler
+from twinkle_async.errors import EngineArgsError, EngineDeadError
+
+
+def chat(text: str) -> dict:
+    return {'messages': [{'role': 'user', 'content': text}]}
+
+
+def engine_core_processes() -> list[psutil.Process]:
+    return [p for p in psutil.Process().children(recursive=True) if 'EngineCore' in ' '.join(p.cmdline()) or
+            'EngineCore' in p.name()]
+
+
+def _is_resource_tracker(process: psutil.Process) -> bool:
+    """multiprocessing's one resource tracker per interpreter: shared, not the engine's to stop."""
+    return 'multiprocessing.resource_tracker' in ' '.join(process.cmdline())
+
+
+async def test_unknown_engine_arg_is_named(tiny_model_dir):
+    with pytest.raises(EngineArgsError, match='max_num_seq_typo'):
+        await within(AsyncSampler(str(tiny_model_dir), engine='vllm', engine_args={'max_num_seq_typo': 2}).start())
+
+
+@pytest.mark.slow
+async def test_killing_the_engine_core_fails_every_waiter_and_leaves_no_process(tiny_model_dir):
+    before = {p.pid for p in psutil.Process().children(recursive=True)}
+    sampler = AsyncSampler(str(tiny_model_dir), engine='vllm', engine_args={'max_model_len': 256, 'max_num_seqs': 8})
+    await within(sampler.start(), 300)
+    started = asyncio.Event()
+
+    async def long_stream(i: int) -> None:
+        async for _ in sampler.stream(chat(f'p{i}'), {'max_tokens': 240, 'ignore_eos': True}):
+            started.set()
+
+    tasks = [asyncio.create_task(long_stream(i)) for i in range(6)]
+    await within(started.wait())
+    cores = engine_core_processes()
+    assert cores, 'vLLM runs its engine core in a child process'
+    for process in cores:
+        os.kill(process.pid, signal.SIGKILL)
+    results = await within(asyncio.gather(*tasks, return_exceptions=True), 30)
+    assert all(isinstance(r, EngineDeadError) for r in results), results
+    with pytest.raises(EngineDeadError):
+        await within(sampler.sample(chat('after'), {'max_tokens': 2}), 10)
+    await within(sampler.close(), 60)
+    leftover = [p for p in psutil.Process().children(recursive=True) if p.pid not in before and p.is_running()
+                and p.status() != psutil.STATUS_ZOMBIE and not _is_resource_tracker(p)]
+    assert leftover == [], [p.cmdline() for p in leftover]

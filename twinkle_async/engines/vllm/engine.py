@@ -1,0 +1,139 @@
+"""``VLLMEngine``: the engine protocol over vLLM v1's ``AsyncLLM``."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from pathlib import Path
+from typing import Any, AsyncIterator, Mapping, Optional
+
+from twinkle_async.engines.base import EngineOutput, EngineRequest, EngineStats
+from twinkle_async.engines.vllm.args import build_engine_args
+from twinkle_async.engines.vllm.outputs import to_engine_outputs, to_vllm_params
+from twinkle_async.errors import (ConfigurationError, EngineArgsError, EngineDeadError, EngineError,
+                                  InvalidRequestError)
+
+__all__ = ['VLLMEngine']
+
+
+class VLLMEngine:
+    """vLLM's ``AsyncLLM`` behind the engine protocol. Build it with ``await VLLMEngine.create(...)``."""
+
+    def __init__(self, llm: Any, tokenizer: Any) -> None:
+        self.llm = llm
+        self.tokenizer = tokenizer
+        model_config = llm.model_config
+        self.max_model_len = model_config.max_model_len
+        self.vocab_size = model_config.get_vocab_size()
+        self.max_num_seqs = llm.vllm_config.scheduler_config.max_num_seqs
+        self._closed = False
+
+    @classmethod
+    async def create(cls, model_dir: Path, engine_args: Optional[Mapping[str, Any]] = None) -> VLLMEngine:
+        """Start ``AsyncLLM`` on ``model_dir`` (CPU defaults when there is no GPU).
+
+        Raises:
+            EngineArgsError: unknown or invalid ``engine_args``.
+            ConfigurationError: vLLM could not start on this model.
+        """
+        from transformers import AutoTokenizer
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        args = build_engine_args(str(model_dir), engine_args, on_cpu=not _has_gpu())
+        try:
+            llm = AsyncLLM.from_engine_args(args)
+        except (ValueError, TypeError) as exc:
+            raise EngineArgsError(f'vllm rejected the engine args: {exc}') from exc
+        except RuntimeError as exc:
+            raise ConfigurationError(f'vllm could not start on {model_dir}: {exc}') from exc
+        tokenizer = await asyncio.to_thread(AutoTokenizer.from_pretrained, model_dir,
+                                            trust_remote_code=bool(args.trust_remote_code))
+        return cls(llm, tokenizer)
+
+    @property
+    def is_dead(self) -> bool:
+        return self._closed or self.llm.errored
+
+    async def generate(self, request: EngineRequest) -> AsyncIterator[EngineOutput]:
+        """Stream ``request``'s outputs; closing the iterator aborts it inside vLLM.
+
+        Raises:
+            EngineDeadError: vLLM's engine core died (or the engine was closed).
+            InvalidRequestError: vLLM rejected the request.
+        """
+        from vllm import TokensPrompt
+
+        self._check_alive()
+        if request.params.num_samples > self.max_num_seqs:
+            raise InvalidRequestError(f'num_samples={request.params.num_samples} exceeds this engine\'s '
+                                      f'max_num_seqs={self.max_num_seqs}')
+        copies = request.params.num_samples if request.params.temperature == 0 else 1
+        try:
+            vllm_params = to_vllm_params(request.params, n=request.params.num_samples // copies)
+        except ValueError as exc:
+            raise InvalidRequestError(f'vllm rejected the sampling parameters: {exc}') from exc
+        stream = self.llm.generate(TokensPrompt(prompt_token_ids=request.prompt_token_ids), vllm_params,
+                                   request.request_id)
+        prompt_pending = True
+        try:
+            async for output in stream:
+                for engine_output in to_engine_outputs(request.request_id, output, request.params, prompt_pending):
+                    yield engine_output
+                    for index in range(1, copies):  # greedy samples are identical: vLLM computes one
+                        yield dataclasses.replace(engine_output, index=index, prompt_logprobs=None)
+                prompt_pending = prompt_pending and not output.prompt_logprobs
+        except Exception as exc:  # vLLM raises its own types; callers see ours
+            translated = self._translate(exc)
+            if translated is exc:
+                raise
+            raise translated from exc
+        finally:
+            await stream.aclose()
+
+    async def abort(self, request_id: str) -> None:
+        """End ``request_id`` early (its samples finish with 'abort')."""
+        if not self.is_dead:
+            await self.llm.abort(request_id)
+
+    async def stats(self) -> EngineStats:
+        """vLLM's own count of unfinished requests (the output processor's)."""
+        self._check_alive()
+        unfinished = self.llm.get_num_unfinished_requests()
+        return EngineStats(waiting=0, running=unfinished, used_slots=unfinished)
+
+    async def close(self) -> None:
+        """Shut vLLM down (its engine core process included)."""
+        if not self._closed:
+            self._closed = True
+            handler = getattr(self.llm, 'output_handler', None)
+            if handler is not None:  # stop it first, or it logs the core's shutdown as a crash
+                handler.cancel()
+            await asyncio.to_thread(self.llm.shutdown)
+            self.llm.shutdown = _already_shut_down  # AsyncLLM.__del__ would shut down again at interpreter exit
+
+    def _check_alive(self) -> None:
+        if self._closed:
+            raise EngineDeadError('the vllm engine was closed')
+        if self.llm.errored:
+            raise EngineDeadError(f'the vllm engine is dead: {self.llm.dead_error!r}')
+
+    def _translate(self, exc: Exception) -> Exception:
+        from vllm.v1.engine.exceptions import EngineDeadError as VLLMDead
+        from vllm.v1.engine.exceptions import EngineGenerateError
+
+        if isinstance(exc, VLLMDead) or self.llm.errored:
+            return EngineDeadError(f'the vllm engine died: {exc!r}')
+        if isinstance(exc, EngineGenerateError):
+            return EngineError(f'vllm failed this request: {exc!r}')
+        if isinstance(exc, ValueError):
+            return InvalidRequestError(f'vllm rejected the request: {exc}')
+        return exc
+
+
+def _already_shut_down(*args: object, **kwargs: object) -> None:
+    return None
+
+
+def _has_gpu() -> bool:
+    import torch
+    return torch.cuda.is_available()
