@@ -74,13 +74,33 @@ def hf_tiny(tiny_model_dir: Path):
     return model, AutoTokenizer.from_pretrained(tiny_model_dir)
 
 
-@pytest_asyncio.fixture(scope='session', params=ENGINES)
-async def sampler(request: pytest.FixtureRequest, tiny_model_dir: Path) -> AsyncIterator:
-    """One sampler per engine on the tiny model, shared by the whole session."""
+TINY_ENGINE_ARGS = {'dtype': 'float32', 'max_model_len': 512, 'max_num_seqs': 32, 'seed': 0}
+
+
+async def _tiny_sampler(engine: str, model_dir: Path) -> AsyncIterator:
     from twinkle_async import AsyncSampler
-    engine_args = {'dtype': 'float32', 'max_model_len': 512, 'max_num_seqs': 32, 'seed': 0}
-    async with AsyncSampler(str(tiny_model_dir), engine=request.param, engine_args=engine_args) as s:
+    async with AsyncSampler(str(model_dir), engine=engine, engine_args=TINY_ENGINE_ARGS) as s:
         yield s
+
+
+@pytest_asyncio.fixture(scope='session')
+async def torch_sampler(tiny_model_dir: Path) -> AsyncIterator:
+    """The torch engine on the tiny model, shared by the whole session."""
+    async for s in _tiny_sampler('torch', tiny_model_dir):
+        yield s
+
+
+@pytest_asyncio.fixture(scope='session')
+async def vllm_sampler(tiny_model_dir: Path) -> AsyncIterator:
+    """The vLLM engine on the tiny model, shared by the whole session (vLLM starts in ~20 s)."""
+    async for s in _tiny_sampler('vllm', tiny_model_dir):
+        yield s
+
+
+@pytest.fixture(params=ENGINES)
+def sampler(request: pytest.FixtureRequest):
+    """Each engine in turn: contract tests run unchanged on both."""
+    return request.getfixturevalue(f'{request.param}_sampler')
 
 
 async def within(awaitable, seconds: float = WAIT):

@@ -54,3 +54,19 @@ def test_device_mesh_layouts_not_available_yet_raise_clearly(tiny_model_dir):
         TorchSampler(model_id=str(tiny_model_dir), device_mesh=DeviceMesh.from_sizes(tp_size=2))
     with pytest.raises(NotSupportedError, match='remote_group'):
         vLLMSampler(model_id=str(tiny_model_dir), remote_group='sampler')
+
+
+@pytest.mark.slow
+def test_vllm_sampler_with_default_arguments_samples_and_streams(tiny_model_dir):
+    sampler = vLLMSampler(model_id=str(tiny_model_dir), device_mesh=DeviceMesh.from_sizes(dp_size=1, tp_size=1),
+                          remote_group=None, engine_args={'max_model_len': 256, 'max_num_seqs': 8})
+    try:
+        responses = sampler.sample([chat('a'), chat('b')], sampling_params=SamplingParams(max_tokens=5, seed=2,
+                                                                                          ignore_eos=True),
+                                   num_samples=4)
+        assert [len(r.sequences) for r in responses] == [4, 4]
+        assert all(len(s.tokens) == 5 for r in responses for s in r.sequences)
+        deltas = list(sampler.stream(chat('c'), {'max_tokens': 4, 'temperature': 0, 'ignore_eos': True}))
+        assert sum(len(d.token_ids) for d in deltas) == 4 and deltas[-1].finish_reason == 'length'
+    finally:
+        sampler.close()

@@ -58,3 +58,14 @@ async def test_killing_the_engine_core_fails_every_waiter_and_leaves_no_process(
     leftover = [p for p in psutil.Process().children(recursive=True) if p.pid not in before and p.is_running()
                 and p.status() != psutil.STATUS_ZOMBIE and not _is_resource_tracker(p)]
     assert leftover == [], [p.cmdline() for p in leftover]
+
+
+@pytest.mark.slow
+async def test_tensor_parallel_2_on_cpu_matches_tp_1(tiny_model_dir, vllm_sampler):
+    prompts = [chat(p) for p in ('def main():', 'import os', 'class A:')]
+    params = {'max_tokens': 16, 'temperature': 0, 'ignore_eos': True}
+    expected = await within(vllm_sampler.sample(prompts, params))
+    engine_args = {'max_model_len': 256, 'max_num_seqs': 8, 'tensor_parallel_size': 2}
+    async with AsyncSampler(str(tiny_model_dir), engine='vllm', engine_args=engine_args) as tp2:
+        got = await within(tp2.sample(prompts, params))
+    assert [r.sequences[0].tokens for r in got] == [r.sequences[0].tokens for r in expected]

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 from typing import Any, Mapping, Optional
 
 from twinkle_async.errors import EngineArgsError
 
-__all__ = ['build_engine_args', 'CPU_DEFAULTS']
+__all__ = ['build_engine_args', 'cpu_worker_binding', 'CPU_DEFAULTS']
 
 logger = logging.getLogger(__name__)
 
@@ -17,6 +18,25 @@ CPU_DEFAULTS: dict[str, Any] = {
     'kv_cache_memory_bytes': 512 * 2**20,   # the default reserves most of the RAM of a shared box
 }
 _DEFAULTS: dict[str, Any] = {'dtype': 'float32', 'seed': 0}
+
+
+def cpu_worker_binding(world_size: int) -> dict[str, str]:
+    """Environment giving each CPU worker its own cores (vLLM-CPU's automatic binding wants a NUMA node each).
+
+    Raises:
+        EngineArgsError: fewer CPUs than workers.
+    """
+    if world_size <= 1 or os.environ.get('VLLM_CPU_OMP_THREADS_BIND', 'auto') != 'auto':
+        return {}
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < world_size:
+        raise EngineArgsError(f'{world_size} vLLM CPU workers (tensor/pipeline parallel) need at least '
+                              f'{world_size} CPUs; this process may use {len(cpus)}')
+    share = len(cpus) // world_size
+    groups = [cpus[i * share:(i + 1) * share] for i in range(world_size)]
+    binding = '|'.join(','.join(str(c) for c in group) for group in groups)
+    logger.warning('vllm engine on CPU: binding %d workers to CPUs %s', world_size, binding)
+    return {'VLLM_CPU_OMP_THREADS_BIND': binding}
 
 
 def build_engine_args(model_dir: str, engine_args: Optional[Mapping[str, Any]], on_cpu: bool) -> Any:

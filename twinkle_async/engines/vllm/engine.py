@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
+import os
 from pathlib import Path
-from typing import Any, AsyncIterator, Mapping, Optional
+from typing import Any, AsyncIterator, Iterator, Mapping, Optional
 
 from twinkle_async.engines.base import EngineOutput, EngineRequest, EngineStats
-from twinkle_async.engines.vllm.args import build_engine_args
+from twinkle_async.engines.vllm.args import build_engine_args, cpu_worker_binding
 from twinkle_async.engines.vllm.outputs import to_engine_outputs, to_vllm_params
 from twinkle_async.errors import (ConfigurationError, EngineArgsError, EngineDeadError, EngineError,
                                   InvalidRequestError)
@@ -39,9 +41,12 @@ class VLLMEngine:
         from transformers import AutoTokenizer
         from vllm.v1.engine.async_llm import AsyncLLM
 
-        args = build_engine_args(str(model_dir), engine_args, on_cpu=not _has_gpu())
+        on_cpu = not _has_gpu()
+        args = build_engine_args(str(model_dir), engine_args, on_cpu=on_cpu)
+        binding = cpu_worker_binding(args.tensor_parallel_size * args.pipeline_parallel_size) if on_cpu else {}
         try:
-            llm = AsyncLLM.from_engine_args(args)
+            with _environment(binding):  # read by the engine-core process vLLM spawns now
+                llm = AsyncLLM.from_engine_args(args)
         except (ValueError, TypeError) as exc:
             raise EngineArgsError(f'vllm rejected the engine args: {exc}') from exc
         except RuntimeError as exc:
@@ -128,6 +133,20 @@ class VLLMEngine:
         if isinstance(exc, ValueError):
             return InvalidRequestError(f'vllm rejected the request: {exc}')
         return exc
+
+
+@contextlib.contextmanager
+def _environment(overrides: dict[str, str]) -> Iterator[None]:
+    saved = {key: os.environ.get(key) for key in overrides}
+    os.environ.update(overrides)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def _already_shut_down(*args: object, **kwargs: object) -> None:
