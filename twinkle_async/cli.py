@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sys
 from typing import Any, Optional, Sequence, TextIO
 
@@ -159,7 +160,8 @@ def _sample(args: argparse.Namespace) -> int:
 
 
 def _quiet_transformers() -> None:
-    # transformers' "Loading weights" bar would clutter the streamed reply and the tqdm bar of file mode
+    # transformers' "Loading weights" bar (and vLLM's INFO log, on stdout) would clutter the streamed reply
+    os.environ.setdefault('VLLM_LOGGING_LEVEL', 'ERROR')
     from transformers.utils import logging as hf_logging
     hf_logging.disable_progress_bar()
 
