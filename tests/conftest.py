@@ -103,6 +103,11 @@ def sampler(request: pytest.FixtureRequest):
     return request.getfixturevalue(f'{request.param}_sampler')
 
 
+def chat(text: str) -> dict:
+    """A one-message user trajectory."""
+    return {'messages': [{'role': 'user', 'content': text}]}
+
+
 async def within(awaitable, seconds: float = WAIT):
     """Await with a timeout so a bug shows up as a failure, not a hang."""
     return await asyncio.wait_for(awaitable, seconds)

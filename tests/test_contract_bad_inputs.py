@@ -6,14 +6,10 @@ import asyncio
 
 import pytest
 
-from conftest import within
+from conftest import chat, within
 from twinkle_async import AsyncSampler, SamplingParams
 from twinkle_async.errors import (AdapterNotFoundError, InvalidInputError, InvalidSamplingParamsError,
                                   ModelNotFoundError, PromptTooLongError, TemplateNotFoundError, TwinkleAsyncError)
-
-
-def chat(text: str) -> dict:
-    return {'messages': [{'role': 'user', 'content': text}]}
 
 
 BAD_REQUESTS = [

@@ -7,15 +7,11 @@ import asyncio
 import pytest
 import torch
 
-from conftest import within
+from conftest import chat, within
 from twinkle_async import SamplingParams
 
 PROMPTS = ['def main():\n    ', 'import os\nimport sys\n', 'class Foo(object):', 'return self._',
            '# Copyright', 'for i in range(10):\n', 'x = {', 'raise ValueError(']
-
-
-def chat(text: str) -> dict:
-    return {'messages': [{'role': 'user', 'content': text}]}
 
 
 def hf_greedy(hf_tiny, prompt_ids: list[int], max_new_tokens: int) -> list[int]:

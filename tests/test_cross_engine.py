@@ -4,11 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
-from conftest import within
-
-
-def chat(text: str) -> dict:
-    return {'messages': [{'role': 'user', 'content': text}]}
+from conftest import chat, within
 
 
 async def test_greedy_tokens_and_logprobs_agree_between_engines(torch_sampler, vllm_sampler):

@@ -4,47 +4,45 @@ from __future__ import annotations
 
 import pytest
 
+from conftest import chat
+
 from twinkle_async import DeviceMesh, SamplingParams, TorchSampler, vLLMSampler
 from twinkle_async.data_format import SampleResponse
 from twinkle_async.errors import NotSupportedError, TemplateNotFoundError
 
 
-def chat(text: str) -> dict:
-    return {'messages': [{'role': 'user', 'content': text}]}
-
-
 @pytest.fixture(scope='module')
-def torch_sampler(tiny_model_dir):
+def blocking_sampler(tiny_model_dir):
     sampler = TorchSampler(model_id=str(tiny_model_dir), engine_args={'max_model_len': 256})
     yield sampler
     sampler.close()
 
 
-def test_sample_one_and_many_with_num_samples_keyword(torch_sampler):
+def test_sample_one_and_many_with_num_samples_keyword(blocking_sampler):
     params = SamplingParams(max_tokens=6, temperature=0.8, seed=1, ignore_eos=True)
-    one = torch_sampler.sample(chat('hi'), sampling_params=params, num_samples=4)
+    one = blocking_sampler.sample(chat('hi'), sampling_params=params, num_samples=4)
     assert isinstance(one, SampleResponse) and len(one.sequences) == 4
-    many = torch_sampler.sample([chat('a'), {'input_ids': [5, 6, 7]}], sampling_params=params, adapter_name='')
+    many = blocking_sampler.sample([chat('a'), {'input_ids': [5, 6, 7]}], sampling_params=params, adapter_name='')
     assert [len(r.sequences[0].tokens) for r in many] == [6, 6]
 
 
-def test_blocking_stream_matches_sample_and_can_stop_early(torch_sampler):
+def test_blocking_stream_matches_sample_and_can_stop_early(blocking_sampler):
     params = {'max_tokens': 10, 'temperature': 0, 'ignore_eos': True}
-    tokens = [t for d in torch_sampler.stream(chat('x = '), params) for t in d.token_ids]
-    assert tokens == torch_sampler.sample(chat('x = '), params).sequences[0].tokens
-    stream = torch_sampler.stream(chat('y'), {'max_tokens': 200, 'ignore_eos': True})
+    tokens = [t for d in blocking_sampler.stream(chat('x = '), params) for t in d.token_ids]
+    assert tokens == blocking_sampler.sample(chat('x = '), params).sequences[0].tokens
+    stream = blocking_sampler.stream(chat('y'), {'max_tokens': 200, 'ignore_eos': True})
     next(stream)
     stream.close()
-    stats = torch_sampler._portal.call(torch_sampler.async_sampler.engine.stats)
+    stats = blocking_sampler._portal.call(blocking_sampler.async_sampler.engine.stats)
     assert stats.used_slots == 0
 
 
-def test_set_template_by_name_and_unknown_name(torch_sampler):
-    torch_sampler.set_template('chatml')
-    assert torch_sampler.sample(chat('q'), {'max_tokens': 2}).sequences
+def test_set_template_by_name_and_unknown_name(blocking_sampler):
+    blocking_sampler.set_template('chatml')
+    assert blocking_sampler.sample(chat('q'), {'max_tokens': 2}).sequences
     with pytest.raises(TemplateNotFoundError, match='nope'):
-        torch_sampler.set_template('nope')
-    torch_sampler.set_template('default')
+        blocking_sampler.set_template('nope')
+    blocking_sampler.set_template('default')
 
 
 def test_device_mesh_layouts_not_available_yet_raise_clearly(tiny_model_dir):

@@ -7,13 +7,9 @@ import threading
 
 import pytest
 
-from conftest import within
+from conftest import chat, within
 from twinkle_async import AsyncSampler
 from twinkle_async.errors import EngineDeadError
-
-
-def chat(text: str) -> dict:
-    return {'messages': [{'role': 'user', 'content': text}]}
 
 
 async def test_forward_raising_mid_batch_fails_every_waiter_and_refuses_new_work(tiny_model_dir):

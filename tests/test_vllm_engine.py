@@ -9,13 +9,9 @@ import signal
 import psutil
 import pytest
 
-from conftest import within
+from conftest import chat, within
 from twinkle_async import AsyncSampler
 from twinkle_async.errors import EngineArgsError, EngineDeadError
-
-
-def chat(text: str) -> dict:
-    return {'messages': [{'role': 'user', 'content': text}]}
 
 
 def engine_core_processes(exclude: set[int]) -> list[psutil.Process]:
