@@ -17,7 +17,9 @@ Workload: chat prompts of mixed length (~20-300 tokens, the default model's chat
 requests before the timed run. Tokens/s counts useful generated tokens over wall time of the timed run
 (engine start-up and model loading excluded; with ``--repeats N`` the fastest of N runs). Also reports
 token-for-token parity of (a) and (c) with (b), and "cpu util" (process CPU seconds per wall second, about
-the thread count on an idle machine: a lower value means other work took the CPU during that run).
+the thread count on an idle machine) and "cpu stall" (Linux CPU pressure during the run: other work on a
+shared machine stalls multi-threaded ops, small-batch ones worst; each system first waits, within limits,
+for the CPU to be quiet).
 
 Run:
     .venv/bin/python benchmarks/bench_torch_engine.py                       # float32, tiny and default
@@ -40,11 +42,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import (Stopwatch, SystemResult, Workload, best_of, build_chat_workload, build_tiny_llama,  # noqa: E402
-                    count_mismatches, cpu_pressure, format_table, iter_batches, machine_info, timed, write_json)
+from common import (Stopwatch, SystemResult, Workload, best_of, build_chat_workload, build_tiny_llama,
+                    count_mismatches, format_table, iter_batches, machine_info, timed, wait_for_quiet_cpu,
+                    write_json)
 
-import twinkle_async  # noqa: E402
-from twinkle_async.engines.torch import TorchEngineArgs  # noqa: E402
+import twinkle_async
+from twinkle_async.engines.torch import TorchEngineArgs
 
 DTYPES = {'float32': torch.float32, 'bfloat16': torch.bfloat16}
 STATIC_BATCH = 8
@@ -52,14 +55,15 @@ CB_PAGE_SIZE = 256
 # The torch engine's prefill token budget; hf-cb gets the same per-forward token budget.
 MAX_BATCH_TOKENS = TorchEngineArgs.model_fields['max_num_batched_tokens'].default
 NOTES = [
-    f'(b) pads each batch of {STATIC_BATCH} to its longest prompt and runs it to its largest max_tokens; '
-    'only each request\'s own max_tokens count as useful tokens.',
-    f'(c) per-request max_new_tokens via add_request; num_blocks sized so max_num_seqs of the longest requests fit '
-    f'(page_size {CB_PAGE_SIZE}), max_batch_tokens={MAX_BATCH_TOKENS}, max_requests_per_batch=max_num_seqs, '
-    'prefix sharing off (our engine has no prefix cache), sdpa attention (no flash kernels on CPU).',
+    (f'(b) pads each batch of {STATIC_BATCH} to its longest prompt and runs it to its largest max_tokens; '
+     'only each request\'s own max_tokens count as useful tokens.'),
+    (f'(c) per-request max_new_tokens via add_request; num_blocks sized so max_num_seqs of the longest requests fit '
+     f'(page_size {CB_PAGE_SIZE}), max_batch_tokens={MAX_BATCH_TOKENS}, max_requests_per_batch=max_num_seqs, '
+     'prefix sharing off (our engine has no prefix cache), sdpa attention (no flash kernels on CPU).'),
     'EOS is disabled on (b)/(c) (generation_config.eos_token_id=None / -1) and ignored on (a) (ignore_eos=True).',
-    'cpu util = process CPU s / wall s during the timed run (~torch threads when uncontended); compare ratios '
-    'only between runs with similar cpu util.',
+    ('cpu util = process CPU s / wall s during the timed run (~torch threads when uncontended); cpu stall = share '
+     'of that time in which some task waited for a CPU (Linux PSI): other work on the machine; trust ratios only '
+     'between runs with low stall.'),
 ]
 
 
@@ -91,7 +95,7 @@ def run_ours(model_dir: Path, workload: Workload, dtype: str, max_num_seqs: int,
 
 
 def _result(system: str, outputs: list[list[int]], watch: Stopwatch) -> SystemResult:
-    return SystemResult(system, sum(map(len, outputs)), watch.seconds, outputs, watch.cpu_seconds)
+    return SystemResult(system, sum(map(len, outputs)), watch.seconds, outputs, watch.cpu_seconds, watch.cpu_stall)
 
 
 # ----------------------------------------------------------------------------- baselines
@@ -142,8 +146,9 @@ def _cb_configs(workload: Workload, max_num_seqs: int, pad_id: int) -> tuple[Any
     num_blocks = max_num_seqs * (math.ceil(longest / CB_PAGE_SIZE) + 1)
     generation = GenerationConfig(do_sample=False, max_new_tokens=max(workload.max_tokens), eos_token_id=-1,
                                   pad_token_id=pad_id)
-    batching = ContinuousBatchingConfig(page_size=CB_PAGE_SIZE, num_blocks=num_blocks, max_batch_tokens=MAX_BATCH_TOKENS,
-                                        max_requests_per_batch=max_num_seqs, allow_block_sharing=False)
+    batching = ContinuousBatchingConfig(page_size=CB_PAGE_SIZE, num_blocks=num_blocks,
+                                        max_batch_tokens=MAX_BATCH_TOKENS, max_requests_per_batch=max_num_seqs,
+                                        allow_block_sharing=False)
     return generation, batching
 
 
@@ -153,9 +158,11 @@ def _cb_generate(manager: Any, workload: Workload, tag: str) -> list[list[int]]:
            for i, (p, m) in enumerate(zip(workload.prompts, workload.max_tokens))]
     results: dict[str, Any] = {}
     while len(results) < len(ids):
-        result = manager.get_result(timeout=60)
+        result = manager.get_result(timeout=1)
         if result is None:
-            raise RuntimeError(f'hf-cb: no result within 60 s ({len(results)}/{len(ids)} done)')
+            if not manager.is_running():
+                raise RuntimeError(f'hf-cb: the generation thread stopped ({len(results)}/{len(ids)} done)')
+            continue
         if result.is_finished():
             if result.error is not None:
                 raise RuntimeError(f'hf-cb request {result.request_id} failed: {result.error}')
@@ -191,9 +198,9 @@ def report(model: str, dtype: str, workload: Workload, results: list[SystemResul
     """Print one model's table and parity; return the same figures for JSON."""
     static, cb = results[1].tokens_per_s, results[2].tokens_per_s
     rows = [[r.system, r.tokens, r.seconds, r.tokens_per_s, _ratio(r.tokens_per_s, static), _ratio(r.tokens_per_s, cb),
-             f'{r.cpu_util:.2f}'] for r in results]
+             f'{r.cpu_util:.2f}', f'{100 * r.cpu_stall:.0f}%'] for r in results]
     print(f'\n=== model={model} dtype={dtype}: {workload.describe()}')
-    print(format_table(['system', 'tokens', 'seconds', 'tokens/s', 'vs (b)', 'vs (c)', 'cpu util'], rows))
+    print(format_table(['system', 'tokens', 'seconds', 'tokens/s', 'vs (b)', 'vs (c)', 'cpu util', 'cpu stall'], rows))
     parity = {}
     for other in (results[0], results[2]):
         mismatches, first = count_mismatches(other.outputs, results[1].outputs)
@@ -206,7 +213,8 @@ def report(model: str, dtype: str, workload: Workload, results: list[SystemResul
             print(f'WARNING {r.system}: {len(wrong)} requests did not generate exactly max_tokens (e.g. #{wrong[0]})')
     return {'model': model, 'dtype': dtype, 'workload': workload.describe(), 'parity_vs_b': parity,
             'systems': [{'system': r.system, 'tokens': r.tokens, 'seconds': r.seconds, 'tokens_per_s': r.tokens_per_s,
-                         'vs_b': r.tokens_per_s / static, 'vs_c': r.tokens_per_s / cb, 'cpu_seconds': r.cpu_seconds}
+                         'vs_b': r.tokens_per_s / static, 'vs_c': r.tokens_per_s / cb, 'cpu_seconds': r.cpu_seconds,
+                         'cpu_stall': r.cpu_stall}
                         for r in results]}
 
 
@@ -217,9 +225,11 @@ def run_model(name: str, model_dir: Path, workload: Workload, args: argparse.Nam
     for label, run in (('a', lambda: run_ours(model_dir, workload, args.dtype, n, r)),
                        ('b', lambda: run_hf_static(model_dir, workload, args.dtype, pad_id, r)),
                        ('c', lambda: run_hf_cb(model_dir, workload, args.dtype, n, pad_id, r))):
+        pressure = wait_for_quiet_cpu(args.max_cpu_pressure, args.quiet_wait)
         result = run()
         print(f'  ({label}) {result.tokens} tokens in {result.seconds:.1f} s = {result.tokens_per_s:.1f} tok/s, '
-              f'cpu util {result.cpu_util:.2f}, cpu pressure avg10 {cpu_pressure()}%', flush=True)
+              f'cpu util {result.cpu_util:.2f}, cpu stall {100 * result.cpu_stall:.0f}% '
+              f'(pressure before: {pressure}%)', flush=True)
         results.append(result)
     return report(name, args.dtype, workload, results)
 
@@ -233,6 +243,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument('--seed', type=int, default=0, help='workload seed')
     parser.add_argument('--repeats', type=int, default=1, help='timed runs per system; the fastest is reported')
     parser.add_argument('--threads', type=int, default=None, help='torch.set_num_threads (default: torch\'s own)')
+    parser.add_argument('--max-cpu-pressure', type=float, default=5.0,
+                        help='before each system, wait until CPU pressure (PSI avg10, %%) is at most this ...')
+    parser.add_argument('--quiet-wait', type=float, default=120.0, help='... for at most this many seconds')
     parser.add_argument('--json', type=Path, default=None, help='also write the figures here')
     return parser.parse_args(argv)
 

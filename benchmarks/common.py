@@ -14,7 +14,8 @@ from typing import Any, Callable, Iterator, Optional, Sequence, TypeVar
 
 __all__ = ['Workload', 'SystemResult', 'build_chat_workload', 'build_tiny_llama', 'timed', 'format_table',
            'write_json', 'count_mismatches', 'machine_info', 'iter_batches',
-           'cpu_pressure', 'git_revision', 'best_of']
+           'cpu_pressure', 'git_revision', 'best_of',
+           'wait_for_quiet_cpu']
 
 T = TypeVar('T')
 
@@ -89,6 +90,7 @@ class SystemResult:
     seconds: float
     outputs: list[list[int]] = field(repr=False, default_factory=list)
     cpu_seconds: float = float('nan')  # process CPU time (all threads) during the timed run
+    cpu_stall: float = float('nan')  # CPU pressure during the timed run (0..1), see ``timed``
 
     @property
     def cpu_util(self) -> float:
@@ -151,20 +153,27 @@ def build_tiny_llama(out_dir: Path, tokenizer: Any, seed: int = 0, hidden_size: 
 class Stopwatch:
     seconds: float = 0.0
     cpu_seconds: float = 0.0
+    cpu_stall: float = float('nan')  # share of the wall time in which some task here waited for a CPU (PSI)
 
 
 class timed:
-    """``with timed() as t: ...`` then ``t.seconds`` (wall) and ``t.cpu_seconds`` (this process, all threads)."""
+    """``with timed() as t: ...`` then ``t.seconds`` (wall), ``t.cpu_seconds`` (this process, all threads)
+    and ``t.cpu_stall`` (Linux CPU pressure over the interval, 0..1; NaN where PSI is unavailable)."""
 
     def __enter__(self) -> Stopwatch:
         self._watch = Stopwatch()
+        self._stall = _cpu_stall_us()
         self._cpu = time.process_time()
         self._start = time.perf_counter()
         return self._watch
 
     def __exit__(self, *exc: object) -> None:
-        self._watch.seconds = time.perf_counter() - self._start
-        self._watch.cpu_seconds = time.process_time() - self._cpu
+        watch = self._watch
+        watch.seconds = time.perf_counter() - self._start
+        watch.cpu_seconds = time.process_time() - self._cpu
+        stall = _cpu_stall_us()
+        if stall is not None and self._stall is not None and watch.seconds > 0:
+            watch.cpu_stall = (stall - self._stall) / 1e6 / watch.seconds
 
 
 def best_of(repeats: int, run: Callable[[], T]) -> tuple[T, Stopwatch]:
@@ -179,13 +188,36 @@ def best_of(repeats: int, run: Callable[[], T]) -> tuple[T, Stopwatch]:
     return best
 
 
-def cpu_pressure() -> Optional[float]:
-    """Linux PSI ``some avg10`` for the CPU (% of time something waited for a CPU), if available."""
+def _psi_cpu_some() -> Optional[dict[str, float]]:
     try:
         first = Path('/proc/pressure/cpu').read_text().splitlines()[0]
     except (OSError, IndexError):
         return None
-    return float(dict(kv.split('=') for kv in first.split()[1:])['avg10'])
+    return {k: float(v) for k, v in (kv.split('=') for kv in first.split()[1:])}
+
+
+def _cpu_stall_us() -> Optional[int]:
+    psi = _psi_cpu_some()
+    return None if psi is None else int(psi['total'])
+
+
+def cpu_pressure() -> Optional[float]:
+    """Linux PSI ``some avg10`` for the CPU (% of time something waited for a CPU), if available."""
+    psi = _psi_cpu_some()
+    return None if psi is None else psi['avg10']
+
+
+def wait_for_quiet_cpu(max_pressure: float, max_wait_s: float) -> Optional[float]:
+    """Wait (up to ``max_wait_s``) until CPU pressure ``avg10`` drops to ``max_pressure`` % or below.
+
+    Other work on a shared machine stalls multi-threaded ops badly; returns the pressure seen last.
+    """
+    deadline = time.monotonic() + max_wait_s
+    pressure = cpu_pressure()
+    while pressure is not None and pressure > max_pressure and time.monotonic() < deadline:
+        time.sleep(2)
+        pressure = cpu_pressure()
+    return pressure
 
 
 def count_mismatches(a: Sequence[Sequence[int]], b: Sequence[Sequence[int]]) -> tuple[int, Optional[int]]:
@@ -214,7 +246,8 @@ def git_revision(repo: Path) -> str:
     import subprocess
 
     def git(*args: str) -> str:
-        return subprocess.run(['git', '-C', str(repo), *args], capture_output=True, text=True).stdout.strip()
+        command = ['git', '-C', str(repo), *args]
+        return subprocess.run(command, capture_output=True, text=True, check=False).stdout.strip()
 
     head = git('rev-parse', '--short', 'HEAD') or 'unknown'
     return head + ('+dirty' if git('status', '--porcelain', '--untracked-files=no') else '')

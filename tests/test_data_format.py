@@ -93,3 +93,12 @@ def test_response_builder_orders_samples_and_splits_prompt_logprobs():
     assert [s.decoded for s in response.sequences] == ['ac', 'b']
     assert response.prompt_logprobs == [None, -1.0] and response.topk_prompt_logprobs == [None, [(3, -0.2)]]
     assert response.sequences[0].new_input_feature['input_ids'] == [1, 2, 7, 8]
+
+
+def test_incremental_detokenizer_window_stays_short_across_skipped_special_tokens(tokenizer):
+    detokenizer = IncrementalDetokenizer(tokenizer)
+    eos = tokenizer.eos_token_id
+    tokens = [eos] * 500 + tokenizer('abc def', add_special_tokens=False)['input_ids']
+    text = ''.join(detokenizer.step(t) for t in tokens)
+    assert text == 'abc def'
+    assert len(detokenizer.token_ids) < 10, 'special tokens that decode to nothing still advance the window'

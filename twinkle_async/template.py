@@ -11,6 +11,7 @@ from twinkle_async.errors import InvalidInputError, TemplateNotFoundError
 __all__ = ['Template', 'ChatMLTemplate', 'IncrementalDetokenizer', 'TEMPLATES', 'build_template']
 
 _ROLES = ('system', 'user', 'assistant', 'tool')
+_MAX_PENDING = 8  # tokens held back waiting for a multi-byte character to complete
 
 _CHATML = (
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + "
@@ -90,7 +91,8 @@ def build_template(spec: Union[str, Template, Type[Template]], tokenizer: Any, *
 class IncrementalDetokenizer:
     """Turns a growing list of token ids into text deltas, never splitting a multi-byte character.
 
-    Decodes only a short window of recent tokens per step, so cost does not grow with length.
+    Decodes only a short window of recent tokens per step, so cost does not grow with length. Bytes that
+    never form a character (after ``_MAX_PENDING`` tokens) are let through as U+FFFD.
     """
 
     __slots__ = ('tokenizer', 'token_ids', 'prefix_offset', 'read_offset')
@@ -104,13 +106,13 @@ class IncrementalDetokenizer:
     def step(self, token_id: int) -> str:
         """Add one token; return the text it completes ('' while a character is still partial)."""
         self.token_ids.append(token_id)
-        window = self.token_ids[self.prefix_offset:]
         prefix_text = self._decode(self.token_ids[self.prefix_offset:self.read_offset])
-        new_text = self._decode(window)
-        if len(new_text) <= len(prefix_text) or new_text.endswith('\ufffd'):
+        new_text = self._decode(self.token_ids[self.prefix_offset:])
+        pending = len(self.token_ids) - self.read_offset
+        if new_text.endswith('\ufffd') and pending < _MAX_PENDING:
             return ''
-        self.prefix_offset = self.read_offset
-        self.read_offset = len(self.token_ids)
+        del self.token_ids[:self.read_offset]  # keep only the window: cost stays flat with length
+        self.prefix_offset, self.read_offset = 0, len(self.token_ids)
         return new_text[len(prefix_text):]
 
     def _decode(self, ids: list[int]) -> str:

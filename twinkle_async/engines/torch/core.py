@@ -118,8 +118,9 @@ class EngineCore:
         return self._sample(logits, samples, slice(first, first + len(samples)))
 
     def _sample(self, logits: torch.Tensor, samples: list[Sample], rows: slice) -> list[EngineOutput]:
-        batch = sample_tokens(logits, self.table, rows, _flags(samples))
-        self.table.advance(rows, batch.tokens)
+        flags = _flags(samples)
+        batch = sample_tokens(logits, self.table, rows, flags)
+        self.table.advance(rows, batch.tokens, track_seen=flags.any_penalty)
         return self.processor.process(samples, batch)
 
     def _release_finished(self) -> None:

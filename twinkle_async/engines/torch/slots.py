@@ -51,11 +51,16 @@ class SlotTable:
         self.generators[dst] = self.generators[src]
         self.generators[src] = None
 
-    def advance(self, rows: slice, tokens: torch.Tensor) -> None:
-        """Record the tokens just sampled for ``rows``: they are fed at the next position."""
+    def advance(self, rows: slice, tokens: torch.Tensor, track_seen: bool) -> None:
+        """Record the tokens just sampled for ``rows``: they are fed at the next position.
+
+        ``track_seen`` (some row uses a repetition penalty) also marks them as seen; rows without a
+        penalty never read ``seen``.
+        """
         self.last_tokens[rows] = tokens
-        start = rows.start or 0
-        self.seen[torch.arange(start, start + len(tokens), device=self._device), tokens] = True
+        if track_seen:
+            start = rows.start or 0
+            self.seen[torch.arange(start, start + len(tokens), device=self._device), tokens] = True
 
 
 def _generator(seed: int, device: torch.device) -> torch.Generator:
