@@ -8,7 +8,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from twinkle_async.errors import ConfigurationError, NotSupportedError
 
-__all__ = ['DeviceMesh', 'DeviceGroup', 'initialize', 'current_mode']
+__all__ = ['DeviceMesh', 'DeviceGroup', 'initialize', 'current_mode', 'check_local_mesh']
 
 _mode: str = 'local'
 
