@@ -50,6 +50,7 @@ def prompts(n: int, rng: random.Random) -> list[list[int]]:
 async def parity(model_dir: Path) -> None:
     from transformers import AutoModelForCausalLM
     hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).cuda().eval()
+    hf.generation_config.eos_token_id = None
     batch = prompts(8, random.Random(1))
     async with ta.AsyncSampler(str(model_dir), engine_args={'dtype': 'float32', 'device': 'cuda'}) as s:
         ours = await s.sample([{'input_ids': p} for p in batch], {'max_tokens': 32, 'temperature': 0,
@@ -57,8 +58,8 @@ async def parity(model_dir: Path) -> None:
     same = 0
     for p, r in zip(batch, ours):
         with torch.no_grad():
-            ref = hf.generate(torch.tensor([p], device='cuda'), max_new_tokens=32, do_sample=False,
-                              eos_token_id=None)[0, len(p):].tolist()
+            ref = hf.generate(torch.tensor([p], device='cuda'), max_new_tokens=32,
+                              do_sample=False)[0, len(p):].tolist()
         same += ref == r.sequences[0].tokens
     print(f'PARITY float32 cuda: {same}/{len(batch)} requests token-identical to model.generate', flush=True)
 
