@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / 'tests'))
-from conftest import build_tiny_model  # noqa: E402
+from tiny_model import build_tiny_model  # noqa: E402
 
 import twinkle_async as ta  # noqa: E402
 

@@ -30,9 +30,9 @@ def slot_attention(module: Any, query: torch.Tensor, key: torch.Tensor, value: t
     if spans is not None:
         return _packed_causal(query, key, value, spans.tolist(), scaling, group > 1), None
     if q_len == 1 and group > 1:
-        grouped = query.view(batch, kv_heads, group, dim)
+        grouped = query.reshape(batch, kv_heads, group, dim)
         out = F.scaled_dot_product_attention(grouped, key, value, attn_mask=attention_mask, scale=scaling)
-        out = out.view(batch, heads, 1, dim)
+        out = out.reshape(batch, heads, 1, dim)
     else:
         out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, scale=scaling,
                                              enable_gqa=group > 1)

@@ -1,0 +1,46 @@
+"""The tiny test model: a byte-level BPE tokenizer trained on stdlib sources + a 2-layer Llama (no downloads)."""
+
+from __future__ import annotations
+
+import glob
+import os
+import sysconfig
+from pathlib import Path
+
+CHATML = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + "
+    "'<|im_end|>\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def build_tiny_model(directory: Path, seed: int = 0) -> Path:
+    """A byte-level BPE tokenizer trained on stdlib sources + a 2-layer Llama with random weights."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=1024, special_tokens=['<|endoftext|>', '<|im_start|>', '<|im_end|>'],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    sources = sorted(glob.glob(os.path.join(sysconfig.get_paths()['stdlib'], '*.py')))[:60]
+    tokenizer.train(sources, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token='<|im_end|>', pad_token='<|endoftext|>',
+                                   bos_token=None)
+    fast.chat_template = CHATML
+    fast.save_pretrained(directory)
+    config = LlamaConfig(vocab_size=fast.vocab_size if hasattr(fast, 'vocab_size') else len(fast),
+                         hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, head_dim=32, max_position_embeddings=512,
+                         eos_token_id=fast.eos_token_id, pad_token_id=fast.pad_token_id, bos_token_id=None,
+                         tie_word_embeddings=False)
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            if parameter.dim() > 1:
+                parameter.normal_(0.0, 0.08)
+    model.generation_config.eos_token_id = fast.eos_token_id
+    model.save_pretrained(directory, safe_serialization=True)
+    return directory
