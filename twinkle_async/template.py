@@ -95,25 +95,26 @@ class IncrementalDetokenizer:
     never form a character (after ``_MAX_PENDING`` tokens) are let through as U+FFFD.
     """
 
-    __slots__ = ('tokenizer', 'token_ids', 'prefix_offset', 'read_offset')
+    __slots__ = ('tokenizer', 'token_ids', 'read_offset', 'prefix_text')
 
     def __init__(self, tokenizer: Any, prompt_token_ids: Sequence[int] = ()) -> None:
         self.tokenizer = tokenizer
-        self.token_ids: list[int] = list(prompt_token_ids[-6:])
-        self.prefix_offset = 0
+        self.token_ids: list[int] = list(prompt_token_ids[-6:])  # context for the first tokens' spacing
         self.read_offset = len(self.token_ids)
+        self.prefix_text = self._decode(self.token_ids)
 
     def step(self, token_id: int) -> str:
         """Add one token; return the text it completes ('' while a character is still partial)."""
         self.token_ids.append(token_id)
-        prefix_text = self._decode(self.token_ids[self.prefix_offset:self.read_offset])
-        new_text = self._decode(self.token_ids[self.prefix_offset:])
+        new_text = self._decode(self.token_ids)
         pending = len(self.token_ids) - self.read_offset
         if new_text.endswith('\ufffd') and pending < _MAX_PENDING:
             return ''
+        delta = new_text[len(self.prefix_text):]
         del self.token_ids[:self.read_offset]  # keep only the window: cost stays flat with length
-        self.prefix_offset, self.read_offset = 0, len(self.token_ids)
-        return new_text[len(prefix_text):]
+        self.read_offset = len(self.token_ids)
+        self.prefix_text = self._decode(self.token_ids)
+        return delta
 
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True) if ids else ''
