@@ -74,3 +74,16 @@ def chat(text: str) -> dict:
 async def within(awaitable, seconds: float = WAIT):
     """Await with a timeout so a bug shows up as a failure, not a hang."""
     return await asyncio.wait_for(awaitable, seconds)
+
+
+async def start_long_stream(sampler, text: str, max_tokens: int) -> asyncio.Task:
+    """A task consuming a long stream; returns once its first token has arrived."""
+    first_token = asyncio.Event()
+
+    async def consume() -> None:
+        async for _ in sampler.stream(chat(text), {'max_tokens': max_tokens, 'ignore_eos': True}):
+            first_token.set()
+
+    task = asyncio.create_task(consume())
+    await within(first_token.wait())
+    return task

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import random
 
-from conftest import chat, within
+from conftest import chat, start_long_stream, within
 
 
 async def consume(sampler, how: str, after: int, max_tokens: int) -> int:
@@ -39,14 +39,7 @@ async def test_200_streams_cancelled_at_random_points_free_every_slot(sampler):
 
 
 async def test_cancelling_a_sample_call_aborts_it(sampler):
-    got_first = asyncio.Event()
-
-    async def slow_stream() -> None:
-        async for _ in sampler.stream(chat('long'), {'max_tokens': 400, 'ignore_eos': True}):
-            got_first.set()
-
-    task = asyncio.create_task(slow_stream())
-    await within(got_first.wait())
+    task = await start_long_stream(sampler, 'long', 400)
     task.cancel()
     await within(asyncio.gather(task, return_exceptions=True))
     stats = await within(sampler.engine.stats())

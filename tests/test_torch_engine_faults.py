@@ -7,7 +7,7 @@ import threading
 
 import pytest
 
-from conftest import chat, within
+from conftest import chat, start_long_stream, within
 from twinkle_async import AsyncSampler
 from twinkle_async.errors import EngineDeadError
 
@@ -18,7 +18,6 @@ async def test_forward_raising_mid_batch_fails_every_waiter_and_refuses_new_work
         model = sampler.engine.core.runner.model
         original = model.forward
         calls = {'n': 0}
-        decoding = asyncio.Event()
 
         def exploding_forward(*args, **kwargs):
             calls['n'] += 1
@@ -37,8 +36,6 @@ async def test_forward_raising_mid_batch_fails_every_waiter_and_refuses_new_work
         with pytest.raises(EngineDeadError):
             async for _ in sampler.stream(chat('after'), {'max_tokens': 2}):
                 pass
-        decoding.set()
-    await asyncio.sleep(0)
     leftover = {t.name for t in threading.enumerate() if t.is_alive()} - threads_before
     assert 'twinkle-async-torch-engine' not in leftover
 
@@ -46,14 +43,7 @@ async def test_forward_raising_mid_batch_fails_every_waiter_and_refuses_new_work
 async def test_close_fails_open_requests_and_stops_the_thread(tiny_model_dir):
     sampler = AsyncSampler(str(tiny_model_dir), engine='torch', engine_args={'max_model_len': 256})
     await sampler.start()
-    got_token = asyncio.Event()
-
-    async def long_stream() -> None:
-        async for _ in sampler.stream(chat('x'), {'max_tokens': 250, 'ignore_eos': True}):
-            got_token.set()
-
-    task = asyncio.create_task(long_stream())
-    await within(got_token.wait())
+    task = await start_long_stream(sampler, 'x', 250)
     engine = sampler.engine
     await within(sampler.close())
     with pytest.raises(EngineDeadError):

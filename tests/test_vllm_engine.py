@@ -9,7 +9,7 @@ import signal
 import psutil
 import pytest
 
-from conftest import chat, within
+from conftest import chat, start_long_stream, within
 from twinkle_async import AsyncSampler
 from twinkle_async.errors import EngineArgsError, EngineDeadError
 
@@ -35,14 +35,7 @@ async def test_killing_the_engine_core_fails_every_waiter_and_leaves_no_process(
     before = {p.pid for p in psutil.Process().children(recursive=True)}
     sampler = AsyncSampler(str(tiny_model_dir), engine='vllm', engine_args={'max_model_len': 256, 'max_num_seqs': 8})
     await within(sampler.start(), 300)
-    started = asyncio.Event()
-
-    async def long_stream(i: int) -> None:
-        async for _ in sampler.stream(chat(f'p{i}'), {'max_tokens': 240, 'ignore_eos': True}):
-            started.set()
-
-    tasks = [asyncio.create_task(long_stream(i)) for i in range(6)]
-    await within(started.wait())
+    tasks = [await start_long_stream(sampler, f'p{i}', 240) for i in range(6)]
     cores = engine_core_processes(exclude=before)
     assert cores, 'vLLM runs its engine core in a child process'
     for process in cores:
