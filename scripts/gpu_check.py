@@ -1,10 +1,11 @@
-"""GPU check of the torch engine (run on a CUDA machine, no downloads): parity and throughput.
+"""GPU check of the torch engine (run on a CUDA machine, no downloads): parity, throughput, weights.
 
 Builds a SmolLM2-shaped Llama (random weights, a small BPE tokenizer trained on stdlib sources), then
 (1) greedy float32 tokens of the torch engine on CUDA == ``model.generate``, (2) bf16 throughput of the
-engine at a large batch vs ``model.generate`` in padded batches of 8 on the same GPU.
+engine at a large batch vs ``model.generate`` in padded batches of 8 on the same GPU, (3) weights:
+LoRA == PEFT in a mixed batch, a 'keep' rollout across an update, update_weights GB/s vs ``copy_``.
 
-    PYTHONPATH=. python scripts/gpu_check.py
+    PYTHONPATH=. python scripts/gpu_check.py [parity] [throughput] [weights]    # default: all
 """
 
 from __future__ import annotations
@@ -99,14 +100,79 @@ def hf_static(model_dir: Path, num: int, max_tokens: int) -> float:
     return rate
 
 
+async def weights(model_dir: Path, scratch: Path) -> None:
+    """LoRA parity in a mixed batch, a kept rollout across an update, and update speed, all on CUDA."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    def hf(adapter: Path | None = None) -> torch.nn.Module:
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+        model.generation_config.eos_token_id = None
+        return (PeftModel.from_pretrained(model, adapter) if adapter else model).cuda().eval()
+
+    adapters = {}
+    for name, seed in (('a', 1), ('b', 2)):
+        torch.manual_seed(seed)
+        peft = get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32),
+                              LoraConfig(r=16, lora_alpha=32, target_modules=['q_proj', 'v_proj', 'down_proj'],
+                                         init_lora_weights=False))
+        peft.save_pretrained(scratch / name)
+        adapters[name] = scratch / name
+    batch = prompts(6, random.Random(3))
+    names = ['a', 'b', '', 'a', 'b', '']
+    greedy = {'max_tokens': 24, 'temperature': 0, 'ignore_eos': True}
+    async with ta.AsyncSampler(str(model_dir), engine_args={'dtype': 'float32', 'device': 'cuda'}) as s:
+        for name, path in adapters.items():
+            await s.add_adapter(name, path)
+        out = await asyncio.gather(*(s.sample({'input_ids': p}, greedy, n) for p, n in zip(batch, names)))
+        refs = {n: hf(adapters.get(n)) for n in set(names)}
+        same = 0
+        for p, n, r in zip(batch, names, out):
+            with torch.no_grad():
+                ref = refs[n].generate(torch.tensor([p], device='cuda'), max_new_tokens=24, do_sample=False)
+            same += ref[0, len(p):].tolist() == r.sequences[0].tokens
+        print(f'LORA mixed batch float32 cuda: {same}/{len(batch)} rows token-identical to PEFT/HF', flush=True)
+        new = {k: v.cuda() * 1.01 for k, v in AutoModelForCausalLM.from_pretrained(model_dir).state_dict().items()}
+        task = asyncio.create_task(s.sample({'input_ids': batch[0]}, {**greedy, 'max_tokens': 200}))
+        while (await s.engine.stats()).running == 0:
+            await asyncio.sleep(0.001)
+        await asyncio.sleep(0.05)  # let it sample a few tokens on the old weights
+        await s.pause('keep')
+        version = await s.update_weights(new)
+        await s.resume()
+        versions = (await task).sequences[0].weight_versions
+        print(f'KEEP rollout across an update: {versions.count(0)} tokens v0, {versions.count(version)} '
+              f'tokens v{version}, {len(versions)} in all', flush=True)
+        full_bytes = sum(t.numel() * t.element_size() for t in new.values())
+        for source, tensors in (('cuda', new), ('cpu', {k: v.cpu() for k, v in new.items()})):
+            twin = {k: torch.empty_like(v, device='cuda') for k, v in tensors.items()}
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            for k, v in tensors.items():
+                twin[k].copy_(v)
+            torch.cuda.synchronize()
+            floor = time.perf_counter() - start
+            start = time.perf_counter()
+            await s.update_weights(tensors)
+            torch.cuda.synchronize()
+            took = time.perf_counter() - start
+            print(f'UPDATE full float32 from {source}: {full_bytes / took / 1e9:.2f} GB/s '
+                  f'(copy_ {full_bytes / floor / 1e9:.2f} GB/s, ratio {floor / took:.2f})', flush=True)
+
+
 def main() -> None:
+    sections = set(sys.argv[1:]) or {'parity', 'throughput', 'weights'}
     print('device:', torch.cuda.get_device_name(0), 'torch', torch.__version__, flush=True)
     with tempfile.TemporaryDirectory() as scratch:
-        model_dir = build(Path(scratch))
-        asyncio.run(parity(model_dir))
-        ours = asyncio.run(throughput(model_dir, 256, 128))
-        base = hf_static(model_dir, 64, 128)
-        print(f'RATIO ours / HF static batch 8: {ours / base:.2f}', flush=True)
+        model_dir = build(Path(scratch) / 'model')
+        if 'parity' in sections:
+            asyncio.run(parity(model_dir))
+        if 'throughput' in sections:
+            ours = asyncio.run(throughput(model_dir, 256, 128))
+            base = hf_static(model_dir, 64, 128)
+            print(f'RATIO ours / HF static batch 8: {ours / base:.2f}', flush=True)
+        if 'weights' in sections:
+            asyncio.run(weights(model_dir, Path(scratch)))
 
 
 if __name__ == '__main__':

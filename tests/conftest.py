@@ -10,7 +10,7 @@ from typing import AsyncIterator
 import pytest
 import pytest_asyncio
 
-from tiny_model import build_tiny_model
+from tiny_model import build_tiny_lora, build_tiny_model
 
 os.environ.setdefault('TOKENIZERS_PARALLELISM', 'false')
 
@@ -35,6 +35,39 @@ def hf_tiny(tiny_model_dir: Path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype='float32').eval()
     return model, AutoTokenizer.from_pretrained(tiny_model_dir)
+
+
+@pytest.fixture(scope='session')
+def tiny_model_b_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny model's architecture and tokenizer with other weights: what a trainer would send."""
+    return build_tiny_model(tmp_path_factory.mktemp('tiny-model-b'), seed=1)
+
+
+@pytest.fixture(scope='session')
+def lora_dirs(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """PEFT adapters on the tiny model: 'a' (r=8) and 'a2' (its shape, other weights), 'b' (r=16)."""
+    root = tmp_path_factory.mktemp('loras')
+    return {'a': build_tiny_lora(tiny_model_dir, root / 'a', 'a', seed=1),
+            'a2': build_tiny_lora(tiny_model_dir, root / 'a2', 'a', seed=2),
+            'b': build_tiny_lora(tiny_model_dir, root / 'b', 'b', seed=3)}
+
+
+def hf_greedy(model, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
+    """Greedy tokens of a transformers (or PEFT) model: the reference every engine must match."""
+    import torch
+    with torch.no_grad():
+        out = model.generate(input_ids=torch.tensor([prompt_ids]), max_new_tokens=max_new_tokens, do_sample=False)
+    return out[0, len(prompt_ids):].tolist()
+
+
+def load_hf(model_dir: Path, adapter_dir: Path | None = None):
+    """A float32 transformers model from ``model_dir``, with a PEFT adapter when given."""
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype='float32').eval()
+    if adapter_dir is None:
+        return model
+    from peft import PeftModel
+    return PeftModel.from_pretrained(model, adapter_dir).eval()
 
 
 TINY_ENGINE_ARGS = {'dtype': 'float32', 'max_model_len': 512, 'max_num_seqs': 32, 'seed': 0}

@@ -7,18 +7,11 @@ import asyncio
 import pytest
 import torch
 
-from conftest import chat, within
+from conftest import chat, hf_greedy, within
 from twinkle_async import SamplingParams
 
 PROMPTS = ['def main():\n    ', 'import os\nimport sys\n', 'class Foo(object):', 'return self._',
            '# Copyright', 'for i in range(10):\n', 'x = {', 'raise ValueError(']
-
-
-def hf_greedy(hf_tiny, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
-    model, _ = hf_tiny
-    with torch.no_grad():
-        out = model.generate(torch.tensor([prompt_ids]), max_new_tokens=max_new_tokens, do_sample=False)
-    return out[0, len(prompt_ids):].tolist()
 
 
 def encode(sampler, text: str) -> list[int]:
@@ -29,7 +22,7 @@ async def test_greedy_matches_transformers_generate_in_a_batch(sampler, hf_tiny)
     params = SamplingParams(max_tokens=24, temperature=0)
     responses = await within(sampler.sample([chat(p) for p in PROMPTS], params))
     for prompt, response in zip(PROMPTS, responses):
-        expected = hf_greedy(hf_tiny, encode(sampler, prompt), 24)
+        expected = hf_greedy(hf_tiny[0], encode(sampler, prompt), 24)
         assert response.sequences[0].tokens == expected, prompt
 
 

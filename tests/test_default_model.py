@@ -31,3 +31,44 @@ async def test_default_model_answers_paris_and_matches_generate(engine, default_
             with torch.no_grad():
                 expected = hf_default.generate(torch.tensor([prompt]), max_new_tokens=40, do_sample=False)
             assert response.sequences[0].tokens == expected[0, len(prompt):].tolist()
+
+
+def perturbed(model, seed: int) -> dict[str, torch.Tensor]:
+    """The model's weights with 5% noise, as a trainer's ``state_dict()`` (the tied lm_head is the embedding)."""
+    generator = torch.Generator().manual_seed(seed)
+    weights = {name: t + 0.05 * t.std() * torch.randn(t.shape, generator=generator)
+               for name, t in model.named_parameters()}
+    weights['lm_head.weight'] = weights['model.embed_tokens.weight']
+    return weights
+
+
+def tree_rss() -> int:
+    """Resident memory of this process and every process it started (vLLM's engine core and workers)."""
+    import psutil
+    me = psutil.Process()
+    return sum(p.memory_info().rss for p in [me, *me.children(recursive=True)])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('engine', ENGINES)
+async def test_default_model_weight_updates_match_generate_and_leave_memory_flat(engine, hf_default):
+    chats = [FRANCE] + [{'messages': [{'role': 'user', 'content': text}]} for text in OTHERS]
+    original, noisy = hf_default.state_dict(), perturbed(hf_default, seed=0)
+    expected_model = type(hf_default)(hf_default.config).eval()
+    expected_model.load_state_dict(noisy)
+    async with AsyncSampler('smollm2-135m-instruct', engine=engine) as sampler:
+        await within(sampler.update_weights(noisy), 300)
+        responses = await within(sampler.sample(chats, {'max_tokens': 24, 'temperature': 0}), 300)
+        for response in responses:
+            prompt = response.prompt_token_ids
+            with torch.no_grad():
+                expected = expected_model.generate(torch.tensor([prompt]), max_new_tokens=24, do_sample=False)
+            assert response.sequences[0].tokens == expected[0, len(prompt):].tolist()
+        rss = []
+        for i in range(20):
+            await within(sampler.update_weights(original if i % 2 else noisy), 300)
+            rss.append(tree_rss())
+        print(f'{engine}: RSS over 20 updates (MiB): {[r // 2**20 for r in rss]}')
+        assert max(rss[2:]) - rss[1] < 200 * 2**20, 'memory grows with every update'
+        assert (await within(sampler.sample(FRANCE, {'max_tokens': 40, 'temperature': 0}))).sequences[0].decoded \
+            == 'The capital of France is Paris.'

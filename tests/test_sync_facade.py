@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import pytest
+from safetensors.torch import load_file
 
-from conftest import chat
-
+from conftest import chat, hf_greedy, load_hf
 from twinkle_async import DeviceMesh, SamplingParams, TorchSampler, vLLMSampler
 from twinkle_async.data_format import SampleResponse
 from twinkle_async.errors import NotSupportedError, TemplateNotFoundError
@@ -54,8 +54,25 @@ def test_device_mesh_layouts_not_available_yet_raise_clearly(tiny_model_dir):
         vLLMSampler(model_id=str(tiny_model_dir), remote_group='sampler')
 
 
+def test_adapters_weights_and_pause_through_the_blocking_facade(blocking_sampler, tiny_model_dir, lora_dirs):
+    params = {'max_tokens': 8, 'temperature': 0}
+    feature = {'input_ids': [5, 6, 7, 8]}
+    base = blocking_sampler.sample(feature, params).sequences[0].tokens
+    blocking_sampler.add_adapter_to_model('a', str(lora_dirs['a']))
+    assert blocking_sampler.list_adapters() == ['a']
+    assert blocking_sampler.sample(feature, params, adapter_name='a').sequences[0].tokens \
+        == hf_greedy(load_hf(tiny_model_dir, lora_dirs['a']), feature['input_ids'], 8)
+    blocking_sampler.remove_adapter('a')
+    blocking_sampler.pause('keep')
+    version = blocking_sampler.update_weights(load_file(str(tiny_model_dir / 'model.safetensors')), version=5)
+    blocking_sampler.resume()
+    response = blocking_sampler.sample(feature, params)
+    assert version == blocking_sampler.weight_version == 5 and response.sequences[0].weight_versions == [5] * 8
+    assert response.sequences[0].tokens == base
+
+
 @pytest.mark.slow
-def test_vllm_sampler_with_default_arguments_samples_and_streams(tiny_model_dir):
+def test_vllm_sampler_with_default_arguments_samples_and_streams(tiny_model_dir, lora_dirs):
     sampler = vLLMSampler(model_id=str(tiny_model_dir), device_mesh=DeviceMesh.from_sizes(dp_size=1, tp_size=1),
                           remote_group=None, engine_args={'max_model_len': 256, 'max_num_seqs': 8})
     try:
@@ -66,5 +83,10 @@ def test_vllm_sampler_with_default_arguments_samples_and_streams(tiny_model_dir)
         assert all(len(s.tokens) == 5 for r in responses for s in r.sequences)
         deltas = list(sampler.stream(chat('c'), {'max_tokens': 4, 'temperature': 0, 'ignore_eos': True}))
         assert sum(len(d.token_ids) for d in deltas) == 4 and deltas[-1].finish_reason == 'length'
+        sampler.add_adapter_to_model('my_lora', str(lora_dirs['a']))  # LoRA is on by default: Twinkle's usage
+        adapted = sampler.sample({'input_ids': [5, 6, 7, 8]}, sampling_params={'max_tokens': 8, 'temperature': 0},
+                                 adapter_name='my_lora', num_samples=2)
+        expected = hf_greedy(load_hf(tiny_model_dir, lora_dirs['a']), [5, 6, 7, 8], 8)
+        assert [s.tokens for s in adapted.sequences] == [expected, expected]
     finally:
         sampler.close()

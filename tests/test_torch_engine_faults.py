@@ -15,7 +15,7 @@ from twinkle_async.errors import EngineDeadError
 async def test_forward_raising_mid_batch_fails_every_waiter_and_refuses_new_work(tiny_model_dir):
     threads_before = {t.name for t in threading.enumerate()}
     async with AsyncSampler(str(tiny_model_dir), engine='torch', engine_args={'max_model_len': 256}) as sampler:
-        model = sampler.engine.core.runner.model
+        model = sampler.engine.core.lora.model
         original = model.forward
         calls = {'n': 0}
 

@@ -44,3 +44,26 @@ def build_tiny_model(directory: Path, seed: int = 0) -> Path:
     model.generation_config.eos_token_id = fast.eos_token_id
     model.save_pretrained(directory, safe_serialization=True)
     return directory
+
+
+LORA_SHAPES = {
+    'a': {'r': 8, 'lora_alpha': 16, 'target_modules': ['q_proj', 'v_proj']},
+    'b': {'r': 16, 'lora_alpha': 8, 'target_modules': ['q_proj', 'o_proj', 'gate_proj']},
+}
+
+
+def build_tiny_lora(model_dir: Path, directory: Path, shape: str, seed: int) -> Path:
+    """A PEFT LoRA adapter on the tiny model with random (non-zero) A and B, saved as safetensors."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    model = get_peft_model(base, LoraConfig(**LORA_SHAPES[shape], init_lora_weights=False))
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if 'lora_' in name:
+                parameter.normal_(0.0, 0.15)
+    model.save_pretrained(directory)
+    return directory

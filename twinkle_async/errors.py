@@ -8,7 +8,10 @@ Every error raised by this package derives from :class:`TwinkleAsyncError`::
     │   ├── InvalidInputError                input_ids / trajectory / messages
     │   │   └── PromptTooLongError           prompt does not fit max_model_len
     │   ├── TemplateNotFoundError            unknown template name
-    │   └── AdapterNotFoundError             unknown adapter name
+    │   ├── AdapterNotFoundError             unknown adapter name
+    │   ├── InvalidAdapterError              an adapter that cannot be loaded (format, config, tensors)
+    │   └── WeightUpdateError                bad update_weights payload, or it failed midway;
+    │                                        rolled back: the previous weights are still served
     ├── ConfigurationError (ValueError)      the sampler cannot be built as asked
     │   ├── EngineArgsError                  unknown or invalid engine_args key
     │   └── ModelNotFoundError               model id or path cannot be resolved
@@ -23,7 +26,8 @@ from __future__ import annotations
 
 __all__ = [
     'TwinkleAsyncError', 'InvalidRequestError', 'InvalidSamplingParamsError', 'InvalidInputError',
-    'PromptTooLongError', 'TemplateNotFoundError', 'AdapterNotFoundError', 'ConfigurationError',
+    'PromptTooLongError', 'TemplateNotFoundError', 'AdapterNotFoundError', 'InvalidAdapterError',
+    'WeightUpdateError', 'ConfigurationError',
     'EngineArgsError', 'ModelNotFoundError', 'NotSupportedError', 'OverloadedError', 'EngineError',
     'EngineDeadError',
 ]
@@ -55,6 +59,17 @@ class TemplateNotFoundError(InvalidRequestError):
 
 class AdapterNotFoundError(InvalidRequestError):
     """An adapter name that was never added (or was removed)."""
+
+
+class InvalidAdapterError(InvalidRequestError):
+    """An adapter that cannot be loaded: not safetensors, a bad config, tensors that do not fit the model."""
+
+
+class WeightUpdateError(InvalidRequestError):
+    """An ``update_weights`` payload is bad (name, shape, dtype named) or its source failed midway.
+
+    Nothing of the update was applied: the sampler keeps serving the previous weights and version.
+    """
 
 
 class ConfigurationError(TwinkleAsyncError, ValueError):

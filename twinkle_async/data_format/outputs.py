@@ -22,6 +22,8 @@ class SampledSequence(BaseModel):
     ``tokens`` are the generated ids (a stop token is included, the stop string's text is not in
     ``decoded`` unless asked for). ``logprobs[i][0]`` is always the sampled token ``tokens[i]``.
     ``new_input_feature`` holds prompt + completion ids for token-in/token-out multi-turn use.
+    ``weight_versions[i]`` is the version of the weights that sampled ``tokens[i]`` (two versions
+    appear when a rollout was kept across a weight update).
     """
 
     model_config = ConfigDict(extra='forbid')
@@ -31,6 +33,7 @@ class SampledSequence(BaseModel):
     logprobs: Optional[list[LogprobRow]] = None
     decoded: Optional[str] = None
     new_input_feature: Optional[InputFeature] = None
+    weight_versions: Optional[list[int]] = None
 
 
 class SampleResponse(BaseModel):
@@ -58,6 +61,7 @@ class TokenDelta:
         logprobs: one row per new token (sampled first), or ``None`` when not asked for.
         text: new decoded text (never a broken multi-byte character).
         finish_reason: set on the sample's last delta: 'stop', 'length' or 'abort'.
+        weight_version: the version of the weights that sampled these tokens.
     """
 
     index: int
@@ -65,3 +69,4 @@ class TokenDelta:
     logprobs: Optional[list[LogprobRow]] = None
     text: str = ''
     finish_reason: Optional[StopReason] = None
+    weight_version: int = 0

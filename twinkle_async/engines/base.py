@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, AsyncIterator, Optional, Protocol, runtime_checkable
+from typing import Any, AsyncIterator, Literal, Optional, Protocol, runtime_checkable
 
+from twinkle_async.adapters import AdapterSpec
 from twinkle_async.data_format.outputs import LogprobRow, StopReason
+from twinkle_async.weights import NamedTensors
 
-__all__ = ['RequestParams', 'EngineRequest', 'EngineOutput', 'EngineStats', 'Engine']
+__all__ = ['RequestParams', 'EngineRequest', 'EngineOutput', 'EngineStats', 'Engine', 'PauseMode', 'PAUSE_MODES']
+
+PauseMode = Literal['abort', 'keep', 'wait']
+PAUSE_MODES: tuple[str, ...] = ('abort', 'keep', 'wait')
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,7 +49,7 @@ class EngineOutput:
     """New tokens of one sample (``index``) of a request; ``finish_reason`` ends that sample.
 
     ``prompt_logprobs`` rows (``(prompt_token, logprob)`` then top-k; ``None`` for position 0) come
-    once per request, on its first output.
+    once per request, on its first output. ``weight_version`` is the version that sampled ``token_ids``.
     """
 
     request_id: str
@@ -54,6 +59,7 @@ class EngineOutput:
     text: str
     finish_reason: Optional[StopReason] = None
     prompt_logprobs: Optional[list[Optional[LogprobRow]]] = None
+    weight_version: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,6 +87,35 @@ class Engine(Protocol):
 
     async def stats(self) -> EngineStats:
         """Counters as of after every earlier call (submissions and aborts) took effect."""
+
+    @property
+    def weight_version(self) -> int:
+        """The version of the weights new tokens are sampled with (0 until the first update)."""
+
+    @property
+    def adapters(self) -> list[str]:
+        """Names of the loaded LoRA adapters."""
+
+    async def add_adapter(self, spec: AdapterSpec) -> None:
+        """Load (or replace) a LoRA adapter; requests naming it use it from now on."""
+
+    async def remove_adapter(self, name: str) -> None:
+        """Unload an adapter; requests still using it end with 'abort'."""
+
+    async def update_weights(self, weights: NamedTensors, adapter_name: Optional[str], version: int) -> None:
+        """Replace base (or ``adapter_name``'s) weights in place, all or nothing, and set ``version``."""
+
+    async def pause(self, mode: PauseMode) -> None:
+        """Hold new requests; 'abort' ends, 'keep' freezes, 'wait' drains the ones in flight."""
+
+    async def resume(self) -> None:
+        """Undo ``pause``: held requests start, kept ones go on."""
+
+    async def sleep(self, level: int) -> None:
+        """Abort what runs and free memory (1: KV cache; 2: also the weights) until ``wake_up``."""
+
+    async def wake_up(self) -> None:
+        """Back from ``sleep``; held requests start."""
 
     async def close(self) -> None:
         """Stop the engine and release its resources; pending requests fail."""

@@ -7,14 +7,16 @@ import uuid
 from pathlib import Path
 from typing import Any, AsyncIterator, Mapping, Optional, Sequence, Type, Union
 
+from twinkle_async.adapters import AdapterSource, load_adapter
 from twinkle_async.data_format.outputs import SampleResponse, TokenDelta
-from twinkle_async.engines.base import Engine, EngineRequest
+from twinkle_async.engines.base import PAUSE_MODES, Engine, EngineRequest, PauseMode
 from twinkle_async.engines.factory import ENGINE_KINDS, create_engine
-from twinkle_async.errors import AdapterNotFoundError, ConfigurationError, TwinkleAsyncError
+from twinkle_async.errors import AdapterNotFoundError, ConfigurationError, InvalidRequestError, TwinkleAsyncError
 from twinkle_async.models import DEFAULT_MODEL, resolve_model
 from twinkle_async.sampler.requests import ParamsLike, coerce_params, prompt_token_ids, resolve_params
 from twinkle_async.sampler.responses import ResponseBuilder, to_delta
 from twinkle_async.template import Template, build_template
+from twinkle_async.weights import NamedTensors, next_version
 
 __all__ = ['AsyncSampler']
 
@@ -45,6 +47,7 @@ class AsyncSampler:
         self._template_spec = template
         self._engine: Optional[Engine] = None
         self._template: Optional[Template] = None
+        self._model_lock = asyncio.Lock()  # adapter and weight changes happen one at a time
         self.model_dir: Optional[Path] = None
 
     async def __aenter__(self) -> AsyncSampler:
@@ -136,6 +139,109 @@ class AsyncSampler:
         finally:
             await generator.aclose()
 
+    # -- adapters --
+    async def add_adapter(self, name: str, source: AdapterSource,
+                          tensors: Optional[Mapping[str, Any]] = None) -> None:
+        """Load a LoRA adapter (or replace the one called ``name``: its new weights serve at once).
+
+        Args:
+            name: what requests pass as ``adapter_name``.
+            source: a directory saved by PEFT (``adapter_model.safetensors`` + ``adapter_config.json``),
+                or a ``LoraConfig`` / config dict, then with ``tensors`` keyed as PEFT saves them.
+
+        Raises:
+            InvalidAdapterError: not safetensors, not LoRA, or it does not fit the model.
+            NotSupportedError: the engine was started without LoRA support.
+        """
+        spec = await asyncio.to_thread(load_adapter, name, source, tensors)
+        async with self._model_lock:
+            await self.engine.add_adapter(spec)
+
+    async def remove_adapter(self, name: str) -> None:
+        """Unload an adapter; requests still using it end with stop_reason 'abort'.
+
+        Raises:
+            AdapterNotFoundError: no adapter of that name.
+        """
+        async with self._model_lock:
+            self._check_adapter(name)
+            await self.engine.remove_adapter(name)
+
+    def list_adapters(self) -> list[str]:
+        """Names of the loaded adapters."""
+        return list(self.engine.adapters)
+
+    # -- weights --
+    @property
+    def weight_version(self) -> int:
+        """Version of the weights new tokens are sampled with (0 until the first update)."""
+        return self.engine.weight_version
+
+    async def update_weights(self, weights: NamedTensors, *, adapter_name: Optional[str] = None,
+                             version: Optional[int] = None) -> int:
+        """Replace the base model's weights (or an adapter's) in place with the trainer's.
+
+        All or nothing: every tensor is checked and staged before any is applied; then they are applied
+        between two engine steps. Requests in flight go on with the new weights (their KV cache is
+        rebuilt) and their tokens say which version sampled them.
+
+        Args:
+            weights: a ``name -> tensor`` mapping or an iterable of ``(name, tensor)`` (checkpoint names,
+                e.g. a trainer's ``state_dict()``; an adapter's keys as PEFT saves them). Any subset. The
+                tensors are read until this returns (a mapping's may be used without a copy).
+            adapter_name: update this adapter instead of the base model.
+            version: the new version (default: the current one + 1).
+
+        Returns:
+            The new version.
+
+        Raises:
+            WeightUpdateError: a bad name, shape or dtype, or ``weights`` raised midway; nothing was
+                applied and the previous version is still served.
+            AdapterNotFoundError: ``adapter_name`` is not loaded.
+        """
+        async with self._model_lock:
+            if adapter_name:
+                self._check_adapter(adapter_name)
+            new_version = next_version(self.engine.weight_version, version)
+            await self.engine.update_weights(weights, adapter_name or None, new_version)
+            return new_version
+
+    # -- pausing --
+    async def pause(self, mode: PauseMode = 'abort') -> None:
+        """Stop generating; requests arriving while paused wait for :meth:`resume`.
+
+        Args:
+            mode: 'abort' ends requests in flight (stop_reason 'abort', partial tokens returned);
+                'keep' freezes them and goes on with them after ``resume`` (on the weights of then);
+                'wait' returns once they have finished.
+        """
+        if mode not in PAUSE_MODES:
+            raise InvalidRequestError(f'pause mode must be one of {PAUSE_MODES}, got {mode!r}')
+        await self.engine.pause(mode)
+
+    async def resume(self) -> None:
+        """Generate again: held requests start, kept ones go on."""
+        await self.engine.resume()
+
+    async def sleep(self, level: int = 1) -> None:
+        """Abort what runs and free memory until :meth:`wake_up`: level 1 the KV cache, level 2 the weights too
+        (send them with ``update_weights`` before waking up).
+
+        Raises:
+            NotSupportedError: the engine cannot sleep here (vLLM's sleep mode needs a GPU).
+        """
+        await self.engine.sleep(level)
+
+    async def wake_up(self) -> None:
+        """Serve again after :meth:`sleep`."""
+        await self.engine.wake_up()
+
+    def _check_adapter(self, name: str) -> None:
+        if name not in self.engine.adapters:
+            loaded = ', '.join(map(repr, self.engine.adapters)) or 'none'
+            raise AdapterNotFoundError(f'adapter {name!r} is not loaded (loaded: {loaded})')
+
     async def _sample_one(self, item: InputLike, params: Any, adapter_name: str) -> SampleResponse:
         request = self._request(item, params, adapter_name)
         builder = ResponseBuilder(request.prompt_token_ids, params.num_samples, params.logprobs is not None)
@@ -150,7 +256,7 @@ class AsyncSampler:
     def _request(self, item: InputLike, params: Any, adapter_name: str) -> EngineRequest:
         engine = self.engine
         if adapter_name:
-            raise AdapterNotFoundError(f'adapter {adapter_name!r} was never added to this sampler')
+            self._check_adapter(adapter_name)
         prompt = prompt_token_ids(item, self.template, engine.vocab_size)
         resolved = resolve_params(params, len(prompt), engine.max_model_len, engine.vocab_size)
         return EngineRequest(uuid.uuid4().hex, prompt, resolved, adapter_name or None)

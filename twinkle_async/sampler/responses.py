@@ -12,7 +12,8 @@ __all__ = ['ResponseBuilder', 'to_delta']
 
 
 def to_delta(output: EngineOutput) -> TokenDelta:
-    return TokenDelta(output.index, output.token_ids, output.logprobs, output.text, output.finish_reason)
+    return TokenDelta(output.index, output.token_ids, output.logprobs, output.text, output.finish_reason,
+                      output.weight_version)
 
 
 class ResponseBuilder:
@@ -23,12 +24,14 @@ class ResponseBuilder:
         self.tokens: list[list[int]] = [[] for _ in range(num_samples)]
         self.logprobs: Optional[list[list[LogprobRow]]] = [[] for _ in range(num_samples)] if want_logprobs else None
         self.texts: list[list[str]] = [[] for _ in range(num_samples)]
+        self.versions: list[list[int]] = [[] for _ in range(num_samples)]
         self.finish: list[Optional[str]] = [None] * num_samples
         self.prompt_logprobs: Optional[list[Optional[LogprobRow]]] = None
 
     def add(self, output: EngineOutput) -> None:
         i = output.index
         self.tokens[i].extend(output.token_ids)
+        self.versions[i].extend([output.weight_version] * len(output.token_ids))
         if self.logprobs is not None and output.logprobs:
             self.logprobs[i].extend(output.logprobs)
         if output.text:
@@ -53,4 +56,4 @@ class ResponseBuilder:
         return SampledSequence.model_construct(
             stop_reason=self.finish[i] or 'abort', tokens=tokens,
             logprobs=None if self.logprobs is None else self.logprobs[i], decoded=''.join(self.texts[i]),
-            new_input_feature=feature)
+            new_input_feature=feature, weight_versions=self.versions[i])

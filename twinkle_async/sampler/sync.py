@@ -5,7 +5,9 @@ from __future__ import annotations
 import weakref
 from typing import Any, Iterator, Mapping, Optional, Type, Union
 
+from twinkle_async.adapters import AdapterSource
 from twinkle_async.data_format.outputs import SampleResponse, TokenDelta
+from twinkle_async.engines.base import PauseMode
 from twinkle_async.errors import NotSupportedError
 from twinkle_async.mesh import DeviceMesh, check_local_mesh
 from twinkle_async.models import DEFAULT_MODEL
@@ -14,6 +16,7 @@ from twinkle_async.sampler.base import Inputs, Sampler
 from twinkle_async.sampler.portal import Portal
 from twinkle_async.sampler.requests import ParamsLike
 from twinkle_async.template import Template
+from twinkle_async.weights import NamedTensors
 
 __all__ = ['BlockingSampler', 'TorchSampler', 'vLLMSampler']
 
@@ -55,6 +58,39 @@ class BlockingSampler(Sampler):
 
     def set_template(self, template_cls: Union[str, Template, Type[Template]], **kwargs: Any) -> None:
         self.async_sampler.set_template(template_cls, **kwargs)
+
+    def add_adapter_to_model(self, adapter_name: str, config_or_dir: AdapterSource,
+                             tensors: Optional[Mapping[str, Any]] = None, **kwargs: Any) -> None:
+        """Twinkle's name for :meth:`AsyncSampler.add_adapter` (a PEFT directory, or a config + ``tensors``)."""
+        self._portal.call(self.async_sampler.add_adapter, adapter_name, config_or_dir, tensors)
+
+    def remove_adapter(self, adapter_name: str) -> None:
+        self._portal.call(self.async_sampler.remove_adapter, adapter_name)
+
+    def list_adapters(self) -> list[str]:
+        return self.async_sampler.list_adapters()
+
+    def update_weights(self, weights: NamedTensors, *, adapter_name: Optional[str] = None,
+                       version: Optional[int] = None) -> int:
+        """See :meth:`AsyncSampler.update_weights`."""
+        return self._portal.call(self.async_sampler.update_weights, weights, adapter_name=adapter_name,
+                                 version=version)
+
+    @property
+    def weight_version(self) -> int:
+        return self.async_sampler.weight_version
+
+    def pause(self, mode: PauseMode = 'abort') -> None:
+        self._portal.call(self.async_sampler.pause, mode)
+
+    def resume(self) -> None:
+        self._portal.call(self.async_sampler.resume)
+
+    def sleep(self, level: int = 1) -> None:
+        self._portal.call(self.async_sampler.sleep, level)
+
+    def wake_up(self) -> None:
+        self._portal.call(self.async_sampler.wake_up)
 
     def close(self) -> None:
         self._finalizer()

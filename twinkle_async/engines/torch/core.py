@@ -1,30 +1,34 @@
 """The engine thread: owns the model and the KV cache, runs schedule -> forward -> sample -> emit.
 
 It never touches asyncio objects: it reads commands from a thread-safe inbox and hands each
-step's outputs to the event loop through the ``emit`` callback (one call per step).
+step's outputs to the event loop through the ``emit`` callback (one call per step). Everything
+that changes the model (adapters, weights, sleep) runs here too, between steps, via ``call``.
 """
 
 from __future__ import annotations
 
+import itertools
 import queue
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import torch
 
-from twinkle_async.engines.base import EngineOutput, EngineRequest, EngineStats
+from twinkle_async.engines.base import EngineOutput, EngineRequest, EngineStats, PauseMode
 from twinkle_async.engines.torch.kv_cache import SlotKVCache
+from twinkle_async.engines.torch.lora import LoraAdapters
 from twinkle_async.engines.torch.model_runner import ModelRunner
 from twinkle_async.engines.torch.postprocess import OutputProcessor
+from twinkle_async.engines.torch.prompt_logprobs import prompt_logprob_rows
 from twinkle_async.engines.torch.sampling import BatchFlags, sample_tokens
 from twinkle_async.engines.torch.scheduler import Scheduler
 from twinkle_async.engines.torch.sequence import Request, Sample
 from twinkle_async.engines.torch.slots import SlotTable
-from twinkle_async.engines.torch.prompt_logprobs import prompt_logprob_rows
 
 __all__ = ['EngineCore', 'CoreConfig']
 
 Emit = Callable[[list[EngineOutput]], None]
+Reply = Callable[[Any, Optional[BaseException]], None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,7 +41,11 @@ class CoreConfig:
 
 
 class EngineCore:
-    """Continuous batching on one thread. ``run`` is the thread's target."""
+    """Continuous batching on one thread. ``run`` is the thread's target.
+
+    Paused (``pause_mode`` set), new requests are held until ``resume``; 'keep' and 'abort' also stop
+    stepping, 'wait' steps on until the requests in flight have finished.
+    """
 
     def __init__(self, model: Any, tokenizer: Any, config: CoreConfig, emit: Emit,
                  fail: Callable[[BaseException], None]) -> None:
@@ -50,8 +58,14 @@ class EngineCore:
         self.cache = SlotKVCache(text_config.num_hidden_layers, config.max_num_seqs,
                                  text_config.num_key_value_heads, _head_dim(text_config),
                                  config.max_model_len, model.dtype, device)
-        self.runner = ModelRunner(model, self.cache, self.table, device)
+        self.lora = LoraAdapters(model)
+        self.runner = ModelRunner(self.lora, self.cache, self.table, device)
         self.processor = OutputProcessor(config.eos_token_ids, config.max_model_len)
+        self.weight_version = 0
+        self.pause_mode: Optional[PauseMode] = None
+        self.held: dict[str, Request] = {}
+        self._on_drained: list[Callable[[], None]] = []
+        self._stale_kv = False
         self._emit, self._fail = emit, fail
         self._pending: list[EngineOutput] = []
         self._stopped = False
@@ -63,9 +77,9 @@ class EngineCore:
     def abort(self, request_id: str) -> None:
         self.inbox.put(('abort', request_id))
 
-    def sync(self, reply: Callable[[EngineStats], None]) -> None:
-        """``reply(stats)`` runs on this thread once every earlier command took effect."""
-        self.inbox.put(('sync', reply))
+    def call(self, function: Callable[[], Any], reply: Reply) -> None:
+        """Run ``function`` on this thread once every earlier command took effect; ``reply(result, error)``."""
+        self.inbox.put(('call', (function, reply)))
 
     def stop(self) -> None:
         self.inbox.put(('stop', None))
@@ -75,15 +89,18 @@ class EngineCore:
         try:
             with torch.inference_mode():
                 while not self._stopped:
-                    self._drain_inbox(block=self.scheduler.idle and not self._pending)
-                    if not self.scheduler.idle:
+                    self._drain_inbox(block=self._idle and not self._pending)
+                    if not self._idle:
                         self.step()
                     self._flush()
+                    self._notify_drained()
         except BaseException as exc:  # the engine is dead: every waiter must learn it
             self._fail(exc)
 
     def step(self) -> None:
         """Decode every running sample, admit and prefill waiting requests, release finished slots."""
+        if self._stale_kv:
+            self._recompute()
         if self.scheduler.running:
             self._pending += self._decode()
             self._release_finished()
@@ -92,20 +109,56 @@ class EngineCore:
             self._pending += self._prefill(admitted)
             self._release_finished()
 
+    # -- run on this thread through ``call`` --
     def stats(self) -> EngineStats:
         s = self.scheduler
-        return EngineStats(waiting=len(s.waiting), running=len(s.requests) - len(s.waiting),
+        return EngineStats(waiting=len(s.waiting) + len(self.held), running=len(s.requests) - len(s.waiting),
                            used_slots=len(s.running))
+
+    def pause(self, mode: PauseMode, on_paused: Callable[[], None]) -> None:
+        """Hold new requests; 'abort' ends those in flight, 'keep' freezes them, 'wait' lets them finish."""
+        self.pause_mode = mode
+        if mode == 'abort':
+            for request_id in list(self.scheduler.requests):
+                self._abort(request_id)
+        if mode == 'wait' and not self.scheduler.idle:
+            self._on_drained.append(on_paused)
+        else:
+            on_paused()
+
+    def resume(self) -> None:
+        self.pause_mode = None
+        for request in self.held.values():
+            self.scheduler.add(request)
+        self.held.clear()
+
+    def set_weights(self, apply: Callable[[], None], version: int) -> None:
+        """Apply new weights between steps; running samples' KV is rebuilt before they go on."""
+        apply()
+        self.weight_version = version
+        self._stale_kv = bool(self.scheduler.running)
+
+    # -- internals --
+    @property
+    def _idle(self) -> bool:
+        return self.scheduler.idle or self.pause_mode in ('keep', 'abort')
 
     def _decode(self) -> list[EngineOutput]:
         samples = list(self.scheduler.running)
         logits = self.runner.decode(len(samples))
         return self._sample(logits, samples, slice(0, len(samples)))
 
-    def _prefill(self, requests: list[Request]) -> list[EngineOutput]:
+    def _prefill(self, admitted: list[Request]) -> list[EngineOutput]:
+        outputs: list[EngineOutput] = []
+        for _, run in itertools.groupby(admitted, key=lambda r: r.adapter):  # slots of a run are contiguous
+            outputs += self._prefill_run(list(run))
+        return outputs
+
+    def _prefill_run(self, requests: list[Request]) -> list[EngineOutput]:
         samples = [s for r in requests for s in r.samples]
         for sample in samples:
-            self.table.assign(sample.slot, sample.params, sample.request.prompt_token_ids, sample.seed)
+            self.table.assign(sample.slot, sample.params, sample.request.prompt_token_ids, sample.seed,
+                              sample.request.adapter)
         result = self.runner.prefill(requests)
         for request in requests:
             if request.request_id in result.prompt_logits:
@@ -117,11 +170,17 @@ class EngineCore:
         first = samples[0].slot
         return self._sample(logits, samples, slice(first, first + len(samples)))
 
+    def _recompute(self) -> None:
+        self._stale_kv = False
+        by_adapter = sorted(self.scheduler.running, key=lambda s: s.request.adapter)
+        for _, group in itertools.groupby(by_adapter, key=lambda s: s.request.adapter):
+            self.runner.recompute(list(group))
+
     def _sample(self, logits: torch.Tensor, samples: list[Sample], rows: slice) -> list[EngineOutput]:
         flags = _flags(samples)
         batch = sample_tokens(logits, self.table, rows, flags)
         self.table.advance(rows, batch.tokens, track_seen=flags.any_penalty)
-        return self.processor.process(samples, batch)
+        return self.processor.process(samples, batch, self.weight_version)
 
     def _release_finished(self) -> None:
         for sample in [s for s in self.scheduler.running if s.finish_reason is not None]:
@@ -150,27 +209,44 @@ class EngineCore:
 
     def _handle(self, command: str, payload: Any) -> None:
         if command == 'add':
-            self.scheduler.add(Request.from_engine_request(payload, self.tokenizer))
+            request = Request.from_engine_request(payload, self.tokenizer)
+            if self.pause_mode is None:
+                self.scheduler.add(request)
+            else:
+                self.held[request.request_id] = request
         elif command == 'abort':
             self._abort(payload)
-        elif command == 'sync':
-            payload(self.stats())
+        elif command == 'call':
+            function, reply = payload
+            try:
+                result = function()
+            except Exception as exc:  # the caller gets it; the engine stays up
+                reply(None, exc)
+            else:
+                reply(result, None)
         elif command == 'stop':
             self._stopped = True
 
     def _abort(self, request_id: str) -> None:
-        request = self.scheduler.requests.get(request_id)
+        request = self.held.pop(request_id, None) or self.scheduler.requests.get(request_id)
         if request is None:
             return
-        waiting = request in self.scheduler.waiting
+        admitted = request not in self.scheduler.waiting and request_id in self.scheduler.requests
         for sample in request.samples:
             if sample.finish_reason is None:
                 sample.finish_reason = 'abort'
-                self._pending.append(EngineOutput(request_id, sample.index, [], None, '', 'abort'))
-                if not waiting:
+                self._pending.append(EngineOutput(request_id, sample.index, [], None, '', 'abort',
+                                                  weight_version=self.weight_version))
+                if admitted:
                     self._release(sample)
-        if waiting:
+        if request in self.scheduler.waiting:
             self.scheduler.remove_waiting(request)
+
+    def _notify_drained(self) -> None:
+        if self._on_drained and self.scheduler.idle:
+            callbacks, self._on_drained = self._on_drained, []
+            for callback in callbacks:
+                callback()
 
     def _flush(self) -> None:
         if self._pending:

@@ -6,16 +6,20 @@ import asyncio
 import logging
 import threading
 from pathlib import Path
-from typing import Any, AsyncIterator, Mapping, Optional
+from typing import Any, AsyncIterator, Callable, Mapping, Optional, TypeVar
 
-
-from twinkle_async.engines.base import EngineOutput, EngineRequest, EngineStats
+from twinkle_async.adapters import AdapterSpec, check_fits
+from twinkle_async.engines.base import EngineOutput, EngineRequest, EngineStats, PauseMode
 from twinkle_async.engines.collector import RequestCollector
 from twinkle_async.engines.torch.args import TorchEngineArgs, parse_engine_args
 from twinkle_async.engines.torch.core import CoreConfig, EngineCore
 from twinkle_async.engines.torch.kv_cache import SlotKVCache
 from twinkle_async.engines.torch.loader import load_model
-from twinkle_async.errors import EngineArgsError, EngineDeadError, InvalidRequestError
+from twinkle_async.engines.torch.weight_store import WeightStore
+from twinkle_async.errors import EngineArgsError, EngineDeadError, InvalidRequestError, NotSupportedError
+from twinkle_async.weights import NamedTensors, stage_update
+
+T = TypeVar('T')
 
 __all__ = ['TorchEngine']
 
@@ -39,6 +43,11 @@ class TorchEngine:
         config = CoreConfig(args.max_num_seqs, max_model_len, args.max_num_batched_tokens, args.seed,
                             _eos_token_ids(model, tokenizer))
         self.core = EngineCore(model, tokenizer, config, self._emit_threadsafe, self._fail_threadsafe)
+        self.weights = WeightStore(model)
+        self._weight_version = 0
+        self._sleep_level = 0
+        self._adapter_of: dict[str, str] = {}  # request id -> adapter, for requests in flight
+        self._replies: set[asyncio.Future[Any]] = set()  # answers awaited from the thread
         self._thread = threading.Thread(target=self.core.run, name='twinkle-async-torch-engine', daemon=True)
         self._thread.start()
 
@@ -72,6 +81,8 @@ class TorchEngine:
                                       f'max_num_seqs={self.args.max_num_seqs}')
         collector = RequestCollector(request.params.num_samples)
         self._collectors[request.request_id] = collector
+        if request.adapter_name:
+            self._adapter_of[request.request_id] = request.adapter_name
         self.core.submit(request)
         try:
             while not collector.finished:
@@ -83,6 +94,7 @@ class TorchEngine:
             raise
         finally:
             self._collectors.pop(request.request_id, None)
+            self._adapter_of.pop(request.request_id, None)
 
     async def abort(self, request_id: str) -> None:
         """End ``request_id`` early; its unfinished samples finish with 'abort'."""
@@ -91,10 +103,71 @@ class TorchEngine:
 
     async def stats(self) -> EngineStats:
         """The engine's counters once every earlier submission and abort has taken effect."""
-        self._check_alive()
-        reply: asyncio.Future[EngineStats] = self._loop.create_future()
-        self.core.sync(lambda stats: self._loop.call_soon_threadsafe(_resolve, reply, stats))
-        return await reply
+        return await self._call(self.core.stats)
+
+    @property
+    def weight_version(self) -> int:
+        return self._weight_version
+
+    @property
+    def adapters(self) -> list[str]:
+        return self.core.lora.names
+
+    async def add_adapter(self, spec: AdapterSpec) -> None:
+        """Load ``spec`` with PEFT (replacing an adapter of that name; its requests in flight end with 'abort')."""
+        check_fits(spec, self.weights.specs)
+        await self._abort_adapter_requests(spec.name)
+        await self._call(lambda: self.core.lora.add(spec))
+
+    async def remove_adapter(self, name: str) -> None:
+        """Unload ``name``; its requests in flight end with 'abort'."""
+        await self._abort_adapter_requests(name)
+        await self._call(lambda: self.core.lora.remove(name))
+
+    async def update_weights(self, weights: NamedTensors, adapter_name: Optional[str], version: int) -> None:
+        """Stage checked copies (off the loop), then copy them in between two steps, all at once.
+
+        Raises:
+            WeightUpdateError: a bad name, shape or dtype, or ``weights`` raised; nothing was applied.
+            AdapterNotFoundError: ``adapter_name`` is not loaded.
+        """
+        if adapter_name:
+            staged = await stage_update(lambda: self.core.lora.stage(adapter_name, weights))
+            apply: Callable[[], None] = lambda: self.core.lora.load(adapter_name, staged)  # noqa: E731
+        else:
+            staged = await stage_update(lambda: self.weights.stage(weights))
+            apply = lambda: self.weights.apply(staged)  # noqa: E731
+        await self._call(lambda: self.core.set_weights(apply, version))
+        self._weight_version = version
+
+    async def pause(self, mode: PauseMode) -> None:
+        """See :meth:`EngineCore.pause`; returns once the pause took effect ('wait': once drained)."""
+        paused = self._reply()
+        await self._call(lambda: self.core.pause(mode, lambda: self._loop.call_soon_threadsafe(_settle, paused)))
+        await paused
+
+    async def resume(self) -> None:
+        if self._sleep_level == 0:
+            await self._call(self.core.resume)
+
+    async def sleep(self, level: int) -> None:
+        """Abort what runs, free the KV cache (level 1) and the weights too (level 2) until ``wake_up``."""
+        if level not in (1, 2):
+            raise NotSupportedError(f'sleep level must be 1 or 2, got {level!r}')
+        await self.pause('abort')
+        await self._call(self.core.cache.release if level == 1 else self._release_all)
+        self._sleep_level = max(self._sleep_level, level)
+
+    async def wake_up(self) -> None:
+        """Serve again; after ``sleep(2)`` every weight must have been sent with ``update_weights`` first.
+
+        Raises:
+            ConfigurationError: weights still dropped (named).
+        """
+        if self._sleep_level == 2:
+            self.weights.check_complete()
+        self._sleep_level = 0
+        await self.resume()
 
     async def close(self) -> None:
         """Stop the thread; requests still open fail with :class:`EngineDeadError`."""
@@ -102,6 +175,28 @@ class TorchEngine:
             self.core.stop()
             await asyncio.to_thread(self._thread.join, 30)
         self._fail(EngineDeadError('the engine was closed'))
+
+    async def _call(self, function: Callable[[], T]) -> T:
+        """``function()`` run on the engine thread between steps; its exception is raised here."""
+        reply = self._reply()
+        self.core.call(function, lambda result, error: self._loop.call_soon_threadsafe(_settle, reply, result, error))
+        return await reply
+
+    def _reply(self) -> asyncio.Future[Any]:
+        """A future the thread settles; the engine's death fails it."""
+        self._check_alive()
+        reply: asyncio.Future[Any] = self._loop.create_future()
+        self._replies.add(reply)
+        reply.add_done_callback(self._replies.discard)
+        return reply
+
+    async def _abort_adapter_requests(self, name: str) -> None:
+        for request_id in [rid for rid, adapter in self._adapter_of.items() if adapter == name]:
+            self.core.abort(request_id)
+
+    def _release_all(self) -> None:
+        self.core.cache.release()
+        self.weights.drop()
 
     def _check_alive(self) -> None:
         if self._dead is not None:
@@ -132,11 +227,17 @@ class TorchEngine:
         error = exc if isinstance(exc, EngineDeadError) else EngineDeadError(f'the torch engine died: {exc!r}')
         for collector in self._collectors.values():
             collector.fail(error)
+        for reply in list(self._replies):
+            _settle(reply, None, error)
 
 
-def _resolve(future: asyncio.Future[EngineStats], stats: EngineStats) -> None:
-    if not future.done():
-        future.set_result(stats)
+def _settle(future: asyncio.Future[Any], result: Any = None, error: Optional[BaseException] = None) -> None:
+    if future.done():
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)
 
 
 def _max_model_len(model: Any, args: TorchEngineArgs) -> int:

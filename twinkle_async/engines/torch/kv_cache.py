@@ -47,6 +47,10 @@ class SlotKVCache:
         self.values = [self._grown(old, shape) for old in self.values] or self._fresh(shape)
         self.capacity = capacity
 
+    def release(self) -> None:
+        """Free every buffer (sleep); the next ``ensure_capacity`` allocates again."""
+        self.keys, self.values, self.capacity = [], [], 0
+
     def plan_prefill(self, slots: torch.Tensor, positions: torch.Tensor) -> None:
         """Next forward is packed prefill: token ``t`` is written to ``(slots[t], positions[t])``."""
         self._write_slots, self._write_positions, self._read_rows = slots, positions, 0

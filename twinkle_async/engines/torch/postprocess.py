@@ -19,12 +19,12 @@ class OutputProcessor:
         self.eos_token_ids = eos_token_ids
         self.max_model_len = max_model_len
 
-    def process(self, samples: list[Sample], batch: SampledBatch) -> list[EngineOutput]:
+    def process(self, samples: list[Sample], batch: SampledBatch, weight_version: int) -> list[EngineOutput]:
         tokens = batch.tokens.tolist()
         rows = _logprob_rows(tokens, batch)
-        return [self._advance(sample, token, row) for sample, token, row in zip(samples, tokens, rows)]
+        return [self._advance(sample, token, row, weight_version) for sample, token, row in zip(samples, tokens, rows)]
 
-    def _advance(self, sample: Sample, token: int, row: Optional[LogprobRow]) -> EngineOutput:
+    def _advance(self, sample: Sample, token: int, row: Optional[LogprobRow], weight_version: int) -> EngineOutput:
         params = sample.params
         sample.output_ids.append(token)
         if token in params.stop_token_ids or (token in self.eos_token_ids and not params.ignore_eos):
@@ -42,7 +42,8 @@ class OutputProcessor:
         return EngineOutput(
             sample.request.request_id, sample.index, [token],
             None if keep is None else [row[:keep + 1]], _text_delta(sample), sample.finish_reason,
-            sample.request.prompt_logprobs if sample.index == 0 and len(sample.output_ids) == 1 else None)
+            sample.request.prompt_logprobs if sample.index == 0 and len(sample.output_ids) == 1 else None,
+            weight_version)
 
     def _at_length(self, sample: Sample) -> bool:
         generated = len(sample.output_ids)

@@ -47,12 +47,14 @@ class Request:
     request_id: str
     prompt_token_ids: list[int]
     params: RequestParams
+    adapter: str = '__base__'
     samples: list[Sample] = field(default_factory=list)
     prompt_logprobs: Optional[list[Optional[LogprobRow]]] = None
 
     @classmethod
     def from_engine_request(cls, request: EngineRequest, tokenizer: object) -> Request:
-        state = cls(request.request_id, list(request.prompt_token_ids), request.params)
+        state = cls(request.request_id, list(request.prompt_token_ids), request.params,
+                    request.adapter_name or '__base__')
         state.samples = [Sample(state, i, IncrementalDetokenizer(tokenizer, state.prompt_token_ids))
                          for i in range(request.params.num_samples)]
         return state

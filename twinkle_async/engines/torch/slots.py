@@ -25,14 +25,17 @@ class SlotTable:
         self.penalty = torch.ones(num_slots, dtype=torch.float32, device=device)
         self.seen = torch.zeros((num_slots, vocab_size), dtype=torch.bool, device=device)
         self.generators: list[Optional[torch.Generator]] = [None] * num_slots
+        self.adapters: list[str] = ['__base__'] * num_slots
         self.shared_generator = torch.Generator(device=device)
         self.shared_generator.manual_seed(seed)
         self._device = device
         self._rows = (self.positions, self.last_tokens, self.temperature, self.greedy, self.top_k,
                       self.top_p, self.penalty, self.seen)
 
-    def assign(self, slot: int, params: RequestParams, prompt: Sequence[int], seed: Optional[int]) -> None:
+    def assign(self, slot: int, params: RequestParams, prompt: Sequence[int], seed: Optional[int],
+               adapter: str) -> None:
         """Fill row ``slot`` for a new sample of a request with ``prompt`` already in the cache."""
+        self.adapters[slot] = adapter
         self.positions[slot] = len(prompt)
         self.greedy[slot] = params.temperature == 0
         self.temperature[slot] = params.temperature or 1.0
@@ -50,6 +53,7 @@ class SlotTable:
             row[dst] = row[src]
         self.generators[dst] = self.generators[src]
         self.generators[src] = None
+        self.adapters[dst] = self.adapters[src]
 
     def advance(self, rows: slice, tokens: torch.Tensor, track_seen: bool) -> None:
         """Record the tokens just sampled for ``rows``: they are fed at the next position.

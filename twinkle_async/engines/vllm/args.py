@@ -17,7 +17,14 @@ CPU_DEFAULTS: dict[str, Any] = {
     'enforce_eager': True,                  # torch.compile adds 20-70 s to start-up on CPU
     'kv_cache_memory_bytes': 512 * 2**20,   # the default reserves most of the RAM of a shared box
 }
-_DEFAULTS: dict[str, Any] = {'dtype': 'float32', 'seed': 0}
+_DEFAULTS: dict[str, Any] = {
+    'dtype': 'float32', 'seed': 0,
+    # adapters can be added at any time (Twinkle's add_adapter_to_model after a default constructor);
+    # lm_head is left out: vLLM-CPU's LoRA logits processor breaks prompt_logprobs (engine death)
+    'enable_lora': True, 'max_loras': 4, 'max_lora_rank': 16,
+    'lora_target_modules': ['q_proj', 'k_proj', 'v_proj', 'o_proj', 'gate_proj', 'up_proj', 'down_proj'],
+    'worker_extension_cls': 'twinkle_async.engines.vllm.worker_extension.TwinkleWorkerExtension',
+}
 
 
 def cpu_worker_binding(world_size: int) -> dict[str, str]:

@@ -9,11 +9,16 @@ import os
 from pathlib import Path
 from typing import Any, AsyncIterator, Iterator, Mapping, Optional
 
-from twinkle_async.engines.base import EngineOutput, EngineRequest, EngineStats
+from twinkle_async.adapters import AdapterSpec, check_fits
+from twinkle_async.engines.base import EngineOutput, EngineRequest, EngineStats, PauseMode
 from twinkle_async.engines.vllm.args import build_engine_args, cpu_worker_binding
+from twinkle_async.engines.vllm.lora import LoraRegistry
 from twinkle_async.engines.vllm.outputs import to_engine_outputs, to_vllm_params
+from twinkle_async.engines.vllm.stamping import StampedQueue, VersionLabels
+from twinkle_async.engines.vllm.weight_sync import WeightSync
 from twinkle_async.errors import (ConfigurationError, EngineArgsError, EngineDeadError, EngineError,
-                                  InvalidRequestError)
+                                  InvalidRequestError, NotSupportedError)
+from twinkle_async.weights import NamedTensors
 
 __all__ = ['VLLMEngine']
 
@@ -21,13 +26,18 @@ __all__ = ['VLLMEngine']
 class VLLMEngine:
     """vLLM's ``AsyncLLM`` behind the engine protocol. Build it with ``await VLLMEngine.create(...)``."""
 
-    def __init__(self, llm: Any, tokenizer: Any) -> None:
+    def __init__(self, llm: Any, tokenizer: Any, model_dir: Path) -> None:
         self.llm = llm
         self.tokenizer = tokenizer
         model_config = llm.model_config
         self.max_model_len = model_config.max_model_len
         self.vocab_size = model_config.get_vocab_size()
         self.max_num_seqs = llm.vllm_config.scheduler_config.max_num_seqs
+        self.labels = VersionLabels(llm.output_processor)
+        self.loras = LoraRegistry(llm)
+        self.weight_sync = WeightSync(llm, model_dir)
+        self._adapter_of: dict[str, str] = {}  # request id -> adapter, for requests in flight
+        self._user_paused = False
         self._closed = False
 
     @classmethod
@@ -53,7 +63,7 @@ class VLLMEngine:
             raise ConfigurationError(f'vllm could not start on {model_dir}: {exc}') from exc
         tokenizer = await asyncio.to_thread(AutoTokenizer.from_pretrained, model_dir,
                                             trust_remote_code=bool(args.trust_remote_code))
-        return cls(llm, tokenizer)
+        return cls(llm, tokenizer, model_dir)
 
     @property
     def is_dead(self) -> bool:
@@ -77,23 +87,38 @@ class VLLMEngine:
             vllm_params = to_vllm_params(request.params, n=request.params.num_samples // copies)
         except ValueError as exc:
             raise InvalidRequestError(f'vllm rejected the sampling parameters: {exc}') from exc
-        stream = self.llm.generate(TokensPrompt(prompt_token_ids=request.prompt_token_ids), vllm_params,
-                                   request.request_id)
-        prompt_pending = True
+        lora_request = self.loras.request_for(request.adapter_name)
+        queue = await self._add(request, TokensPrompt(prompt_token_ids=request.prompt_token_ids), vllm_params,
+                                lora_request)
+        prompt_pending, finished = True, False
         try:
-            async for output in stream:
-                for engine_output in to_engine_outputs(request.request_id, output, request.params, prompt_pending):
-                    yield engine_output
-                    for index in range(1, copies):  # greedy samples are identical: vLLM computes one
-                        yield dataclasses.replace(engine_output, index=index, prompt_logprobs=None)
-                prompt_pending = prompt_pending and not output.prompt_logprobs
+            while not finished:
+                for version, output in await queue.get():
+                    for engine_output in to_engine_outputs(request.request_id, output, request.params,
+                                                           prompt_pending, version):
+                        yield engine_output
+                        for index in range(1, copies):  # greedy samples are identical: vLLM computes one
+                            yield dataclasses.replace(engine_output, index=index, prompt_logprobs=None)
+                    prompt_pending = prompt_pending and not output.prompt_logprobs
+                    finished = output.finished
         except Exception as exc:  # vLLM raises its own types; callers see ours
             translated = self._translate(exc)
             if translated is exc:
                 raise
             raise translated from exc
         finally:
-            await stream.aclose()
+            self._adapter_of.pop(request.request_id, None)
+            if not finished and not self.is_dead:
+                await asyncio.shield(self.llm.abort(request.request_id))
+
+    async def _add(self, request: EngineRequest, prompt: Any, params: Any, lora_request: Any) -> StampedQueue:
+        if request.adapter_name:
+            self._adapter_of[request.request_id] = request.adapter_name
+        try:
+            vllm_queue = await self.llm.add_request(request.request_id, prompt, params, lora_request=lora_request)
+        except Exception as exc:
+            raise self._translate(exc) from exc
+        return StampedQueue(vllm_queue, self.labels)
 
     async def abort(self, request_id: str) -> None:
         """End ``request_id`` early (its samples finish with 'abort')."""
@@ -106,6 +131,60 @@ class VLLMEngine:
         unfinished = self.llm.get_num_unfinished_requests()
         return EngineStats(waiting=0, running=unfinished, used_slots=unfinished)
 
+    @property
+    def weight_version(self) -> int:
+        return self.weight_sync.version
+
+    @property
+    def adapters(self) -> list[str]:
+        return self.loras.names
+
+    async def add_adapter(self, spec: AdapterSpec) -> None:
+        """Serve ``spec`` as a vLLM LoRA (replacing one of that name: its requests in flight end with 'abort')."""
+        self._check_alive()
+        check_fits(spec, self.weight_sync.specs)
+        await self._abort_adapter_requests(spec.name)
+        await self.loras.add(spec)
+
+    async def remove_adapter(self, name: str) -> None:
+        """Unload ``name``; its requests in flight end with 'abort'."""
+        self._check_alive()
+        await self._abort_adapter_requests(name)
+        await self.loras.remove(name)
+
+    async def update_weights(self, weights: NamedTensors, adapter_name: Optional[str], version: int) -> None:
+        """Stage in buckets, then apply with generation paused ('keep'): requests in flight are recomputed
+        on the new weights and go on.
+
+        Raises:
+            WeightUpdateError: bad name, shape or dtype, or ``weights`` raised; nothing was applied.
+        """
+        self._check_alive()
+        if adapter_name:
+            staged = await self.loras.stage(adapter_name, weights)
+            apply = lambda: self.loras.apply(adapter_name, staged)  # noqa: E731
+        else:
+            await self.weight_sync.stage(weights)
+            apply = self.weight_sync.apply
+        async with self._paused_for_update():
+            await self.weight_sync.commit(apply, version)
+
+    async def pause(self, mode: PauseMode) -> None:
+        self._check_alive()
+        await self.llm.pause_generation(mode=mode, clear_cache=False)
+        self._user_paused = True
+
+    async def resume(self) -> None:
+        self._check_alive()
+        self._user_paused = False
+        await self.llm.resume_generation()
+
+    async def sleep(self, level: int) -> None:
+        raise NotSupportedError(_NO_SLEEP if not _has_gpu() else 'start the vllm engine with enable_sleep_mode')
+
+    async def wake_up(self) -> None:
+        raise NotSupportedError(_NO_SLEEP)
+
     async def close(self) -> None:
         """Shut vLLM down (its engine core process included)."""
         if not self._closed:
@@ -115,6 +194,25 @@ class VLLMEngine:
                 handler.cancel()
             await asyncio.to_thread(self.llm.shutdown)
             self.llm.shutdown = _already_shut_down  # AsyncLLM.__del__ would shut down again at interpreter exit
+            self.loras.cleanup()
+
+    @contextlib.asynccontextmanager
+    async def _paused_for_update(self) -> AsyncIterator[None]:
+        """Generation frozen ('keep') unless the user paused it already."""
+        if self._user_paused:
+            yield
+            return
+        await self.llm.pause_generation(mode='keep', clear_cache=False)
+        try:
+            yield
+        finally:
+            if not self.is_dead:
+                await self.llm.resume_generation()
+
+    async def _abort_adapter_requests(self, name: str) -> None:
+        ids = [rid for rid, adapter in self._adapter_of.items() if adapter == name]
+        if ids:
+            await self.llm.abort(ids)
 
     def _check_alive(self) -> None:
         if self._closed:
@@ -147,6 +245,9 @@ def _environment(overrides: dict[str, str]) -> Iterator[None]:
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
+
+
+_NO_SLEEP = 'vLLM sleep mode needs a GPU; on CPU use pause() or the torch engine\'s sleep()'
 
 
 def _already_shut_down(*args: object, **kwargs: object) -> None:

@@ -22,8 +22,8 @@ def to_vllm_params(params: RequestParams, n: int) -> Any:
         logprobs=params.logprobs, prompt_logprobs=params.prompt_logprobs, output_kind=RequestOutputKind.DELTA)
 
 
-def to_engine_outputs(request_id: str, output: Any, params: RequestParams,
-                      with_prompt: bool) -> list[EngineOutput]:
+def to_engine_outputs(request_id: str, output: Any, params: RequestParams, with_prompt: bool,
+                      weight_version: int) -> list[EngineOutput]:
     """One ``EngineOutput`` per completion in ``output`` (a DELTA ``RequestOutput``)."""
     prompt_rows = _prompt_rows(output, params) if with_prompt else None
     results = []
@@ -33,7 +33,7 @@ def to_engine_outputs(request_id: str, output: Any, params: RequestParams,
             rows = [_row(token, entry, params.logprobs)
                     for token, entry in zip(completion.token_ids, completion.logprobs or [])]
         results.append(EngineOutput(request_id, completion.index, list(completion.token_ids), rows, completion.text,
-                                    completion.finish_reason, prompt_rows))
+                                    completion.finish_reason, prompt_rows, weight_version))
         prompt_rows = None
     return results
 
