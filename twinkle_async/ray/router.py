@@ -1,0 +1,48 @@
+"""Which replica serves a request: least outstanding work, and sticky sessions for prefix-cache reuse."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Optional, Sequence
+
+__all__ = ['Router']
+
+
+class Router:
+    """Tracks the work (samples) each replica has in flight; pure bookkeeping, no I/O."""
+
+    def __init__(self, size: int, max_sessions: int = 100_000) -> None:
+        self.outstanding = [0] * size
+        self.alive = [True] * size
+        self.sessions: OrderedDict[str, int] = OrderedDict()
+        self.max_sessions = max_sessions
+
+    @property
+    def any_alive(self) -> bool:
+        return any(self.alive)
+
+    def pick(self, work: int, session_id: Optional[str] = None) -> int:
+        """The replica for one request (its session's, while that one is alive); counts ``work`` on it."""
+        replica = self.sessions.get(session_id) if session_id is not None else None
+        if replica is None or not self.alive[replica]:
+            replica = self._least_loaded()
+        if session_id is not None:
+            self.sessions[session_id] = replica
+            self.sessions.move_to_end(session_id)
+            if len(self.sessions) > self.max_sessions:
+                self.sessions.popitem(last=False)
+        self.outstanding[replica] += work
+        return replica
+
+    def split(self, works: Sequence[int]) -> list[int]:
+        """A replica for each item of a list, spreading the work; counts it."""
+        return [self.pick(work) for work in works]
+
+    def done(self, replica: int, work: int) -> None:
+        self.outstanding[replica] -= work
+
+    def _least_loaded(self) -> int:
+        candidates = [i for i, alive in enumerate(self.alive) if alive]
+        if not candidates:
+            raise LookupError('no replica is alive')
+        return min(candidates, key=lambda i: self.outstanding[i])
