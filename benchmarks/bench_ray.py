@@ -51,7 +51,8 @@ def report(results: dict) -> list[dict]:
         base = results.get(pairs.get(name, name))
         ratio = r.tokens_per_s / base.tokens_per_s
         same = sum(o == b for o, b in zip(r.outputs, base.outputs))
-        rows.append([name, r.tokens, f'{r.seconds:.2f}', f'{r.tokens_per_s:.1f}', f'{ratio:.3f}', f'{same}/{len(r.outputs)}'])
+        rows.append([name, r.tokens, f'{r.seconds:.2f}', f'{r.tokens_per_s:.1f}', f'{ratio:.3f}',
+                     f'{same}/{len(r.outputs)}'])
         payload.append({'system': name, 'tokens': r.tokens, 'seconds': r.seconds, 'tokens_per_s': r.tokens_per_s,
                         'ratio_to_in_process': ratio})
     print(format_table(['system', 'tokens', 'seconds', 'tokens/s', 'ratio to in-process', 'same tokens'], rows))

@@ -1,9 +1,10 @@
 """How fast each engine takes new weights from a trainer: full base weights and a rank-16 LoRA.
 
 For each engine, ``AsyncSampler.update_weights`` of (a) the default model's full weights, given as a
-mapping and as an iterable of pairs, and (b) a rank-16 LoRA on every linear layer, as GB/s, next to a plain ``tensor.copy_`` of the same bytes in the same run
-(the floor: what moving those bytes once costs here). Each figure is the best of ``--rounds``. Then
-``--rss-updates`` full updates in a row, with the resident memory of the process tree after each.
+mapping and as an iterable of pairs, and (b) a rank-16 LoRA on every linear layer, as GB/s, next to a
+plain ``tensor.copy_`` of the same bytes in the same run (the floor: what moving those bytes once costs
+here). Each figure is the best of ``--rounds``. Then ``--rss-updates`` full updates in a row, with the
+resident memory of the process tree after each.
 
     python benchmarks/bench_weight_sync.py                    # both engines, default model
     python benchmarks/bench_weight_sync.py --engines torch --rounds 5

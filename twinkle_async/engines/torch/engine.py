@@ -125,7 +125,7 @@ class TorchEngine:
         await self._call(lambda: self.core.lora.remove(name))
 
     async def update_weights(self, weights: NamedTensors, adapter_name: Optional[str], version: int) -> None:
-        """Stage checked copies (off the loop), then copy them in between two steps, all at once.
+        """Check and stage every tensor (off the loop), then copy them in between two steps, all at once.
 
         Raises:
             WeightUpdateError: a bad name, shape or dtype, or ``weights`` raised; nothing was applied.

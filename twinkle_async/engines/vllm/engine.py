@@ -117,6 +117,7 @@ class VLLMEngine:
         try:
             vllm_queue = await self.llm.add_request(request.request_id, prompt, params, lora_request=lora_request)
         except Exception as exc:
+            self._adapter_of.pop(request.request_id, None)
             raise self._translate(exc) from exc
         return StampedQueue(vllm_queue, self.labels)
 
@@ -180,7 +181,7 @@ class VLLMEngine:
         await self.llm.resume_generation()
 
     async def sleep(self, level: int) -> None:
-        raise NotSupportedError(_NO_SLEEP if not _has_gpu() else 'start the vllm engine with enable_sleep_mode')
+        raise NotSupportedError(_NO_SLEEP)
 
     async def wake_up(self) -> None:
         raise NotSupportedError(_NO_SLEEP)
@@ -247,7 +248,8 @@ def _environment(overrides: dict[str, str]) -> Iterator[None]:
                 os.environ[key] = value
 
 
-_NO_SLEEP = 'vLLM sleep mode needs a GPU; on CPU use pause() or the torch engine\'s sleep()'
+_NO_SLEEP = ('sleep()/wake_up() are not wired to vLLM\'s sleep mode (it needs a GPU and enable_sleep_mode=True; '
+             'vLLM-CPU has none): use pause(), or the torch engine\'s sleep()')
 
 
 def _already_shut_down(*args: object, **kwargs: object) -> None:
