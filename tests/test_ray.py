@@ -111,7 +111,7 @@ def test_a_killed_replica_fails_or_retries_and_comes_back_with_the_current_weigh
                                                    {'max_tokens': 300, 'ignore_eos': True}))
         while min(s.running for s in await sampler.replica_status()) == 0:
             await asyncio.sleep(0.01)
-        ray.kill(sampler.actors[0])
+        ray.kill(sampler.replicas.actors[0])
         return await within(batch, 180)
 
     if retry:

@@ -1,0 +1,1 @@
+"""Ray remote execution: ``initialize('ray', groups=...)`` reservations and samplers as replica actors."""

@@ -26,16 +26,19 @@ class SamplerActor:
         await self.sampler.start()
         return os.getpid()
 
-    async def sample(self, inputs: Any, params: Any, adapter_name: str, return_exceptions: bool) -> Any:
+    async def sample(self, inputs: Any, params: Any, adapter_name: str, return_exceptions: bool,
+                     timeout: Optional[float]) -> Any:
         self.served += 1
-        return await self.sampler.sample(inputs, params, adapter_name, return_exceptions=return_exceptions)
+        return await self.sampler.sample(inputs, params, adapter_name, return_exceptions=return_exceptions,
+                                         timeout=timeout)
 
-    async def stream(self, inputs: Any, params: Any, adapter_name: str,
+    async def stream(self, inputs: Any, params: Any, adapter_name: str, timeout: Optional[float],
                      coalesce_s: float) -> AsyncIterator[list[TokenDelta]]:
         """Deltas in lists: whatever arrived within ``coalesce_s`` of the first one travels as one Ray item."""
         self.served += 1
         queue: asyncio.Queue[Any] = asyncio.Queue()
-        pump = asyncio.create_task(self._pump(self.sampler.stream(inputs, params, adapter_name), queue))
+        pump = asyncio.create_task(self._pump(self.sampler.stream(inputs, params, adapter_name, timeout=timeout),
+                                              queue))
         try:
             while True:
                 batch = [await queue.get()]

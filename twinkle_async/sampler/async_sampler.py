@@ -14,6 +14,7 @@ from twinkle_async.engines.factory import ENGINE_KINDS, create_engine
 from twinkle_async.errors import AdapterNotFoundError, ConfigurationError, InvalidRequestError, TwinkleAsyncError
 from twinkle_async.mesh import DeviceMesh, check_local_mesh
 from twinkle_async.models import DEFAULT_MODEL, resolve_model
+from twinkle_async.sampler.admission import Admission
 from twinkle_async.sampler.requests import ParamsLike, coerce_params, prompt_token_ids, resolve_params
 from twinkle_async.sampler.responses import ResponseBuilder, to_delta
 from twinkle_async.template import Template, build_template
@@ -33,6 +34,8 @@ class AsyncSampler:
         engine: ``'torch'`` (native continuous batching) or ``'vllm'``.
         engine_args: engine options (``dtype``, ``max_model_len``, ``max_num_seqs``, ``seed``, ...).
         template: a template name, class or instance; the model's chat template by default.
+        max_pending_requests: at most this many requests in flight (``None``: no bound); past it a new
+            request fails at once with :class:`OverloadedError` (each item of a list counts).
         remote_group: run as Ray actors in this group (see ``initialize('ray', groups=...)``): the
             object is then a :class:`~twinkle_async.ray.remote_sampler.RemoteSampler`, same API.
         device_mesh: with ``remote_group``, ``dp_size`` replicas of ``tp_size`` ranks each.
@@ -49,8 +52,10 @@ class AsyncSampler:
 
     def __init__(self, model_id: str = DEFAULT_MODEL, engine: str = 'torch',
                  engine_args: Optional[Mapping[str, Any]] = None, template: Optional[TemplateSpec] = None, *,
-                 device_mesh: Optional[DeviceMesh] = None, remote_group: None = None) -> None:
+                 device_mesh: Optional[DeviceMesh] = None, remote_group: None = None,
+                 max_pending_requests: Optional[int] = None) -> None:
         check_local_mesh(device_mesh, remote_group)
+        self.admission = Admission(max_pending_requests)
         if engine not in ENGINE_KINDS:
             raise ConfigurationError(f'unknown engine {engine!r}; choose one of {ENGINE_KINDS}')
         self.model_id = model_id
@@ -109,7 +114,8 @@ class AsyncSampler:
 
     async def sample(self, inputs: Union[InputLike, Sequence[InputLike]], sampling_params: ParamsLike = None,
                      adapter_name: str = '', *, num_samples: Optional[int] = None,
-                     return_exceptions: bool = False, session_id: Optional[str] = None) -> Any:
+                     return_exceptions: bool = False, session_id: Optional[str] = None,
+                     timeout: Optional[float] = None) -> Any:
         """Sample completions for one input (-> ``SampleResponse``) or a list (-> list, in order).
 
         Args:
@@ -121,15 +127,18 @@ class AsyncSampler:
                 the other items always run to completion.
             session_id: keeps a conversation on one replica of a remote sampler (prefix-cache reuse);
                 one engine serves everything locally.
+            timeout: seconds; a request still running then is aborted and returns what it has so far
+                (stop_reason 'abort'), without raising.
 
         Raises:
             InvalidRequestError: a bad input or parameter (named in the message).
+            OverloadedError: ``max_pending_requests`` requests are in flight already.
             EngineDeadError: the engine died.
         """
         params = coerce_params(sampling_params, num_samples)
         if isinstance(inputs, Mapping):
-            return await self._sample_one(inputs, params, adapter_name)
-        results = await asyncio.gather(*(self._sample_one(item, params, adapter_name) for item in inputs),
+            return await self._sample_one(inputs, params, adapter_name, timeout)
+        results = await asyncio.gather(*(self._sample_one(item, params, adapter_name, timeout) for item in inputs),
                                        return_exceptions=True)
         for result in results:
             if isinstance(result, BaseException) and not (return_exceptions and isinstance(result, TwinkleAsyncError)):
@@ -137,21 +146,25 @@ class AsyncSampler:
         return results
 
     async def stream(self, inputs: InputLike, sampling_params: ParamsLike = None, adapter_name: str = '', *,
-                     num_samples: Optional[int] = None, session_id: Optional[str] = None) -> AsyncIterator[TokenDelta]:
+                     num_samples: Optional[int] = None, session_id: Optional[str] = None,
+                     timeout: Optional[float] = None) -> AsyncIterator[TokenDelta]:
         """Yield ``TokenDelta``s of every sample as they are generated.
 
         Leaving the loop early (``break``, cancellation, ``aclose()``) aborts the request in the engine.
+        Past ``timeout`` seconds the request is aborted: unfinished samples end with finish_reason 'abort'.
 
         Raises:
-            InvalidRequestError: a bad input or parameter. EngineDeadError: the engine died.
+            InvalidRequestError: a bad input or parameter. OverloadedError: too many requests in flight.
+            EngineDeadError: the engine died.
         """
         request = self._request(inputs, coerce_params(sampling_params, num_samples), adapter_name)
-        generator = self.engine.generate(request)
-        try:
-            async for output in generator:
-                yield to_delta(output)
-        finally:
-            await generator.aclose()
+        with self.admission.admit(self.engine, request.request_id, timeout):
+            generator = self.engine.generate(request)
+            try:
+                async for output in generator:
+                    yield to_delta(output)
+            finally:
+                await generator.aclose()
 
     # -- adapters --
     async def add_adapter(self, name: str, source: AdapterSource,
@@ -256,15 +269,17 @@ class AsyncSampler:
             loaded = ', '.join(map(repr, self.engine.adapters)) or 'none'
             raise AdapterNotFoundError(f'adapter {name!r} is not loaded (loaded: {loaded})')
 
-    async def _sample_one(self, item: InputLike, params: Any, adapter_name: str) -> SampleResponse:
+    async def _sample_one(self, item: InputLike, params: Any, adapter_name: str,
+                          timeout: Optional[float]) -> SampleResponse:
         request = self._request(item, params, adapter_name)
         builder = ResponseBuilder(request.prompt_token_ids, params.num_samples, params.logprobs is not None)
-        generator = self.engine.generate(request)
-        try:
-            async for output in generator:
-                builder.add(output)
-        finally:
-            await generator.aclose()
+        with self.admission.admit(self.engine, request.request_id, timeout):
+            generator = self.engine.generate(request)
+            try:
+                async for output in generator:
+                    builder.add(output)
+            finally:
+                await generator.aclose()
         return builder.build()
 
     def _request(self, item: InputLike, params: Any, adapter_name: str) -> EngineRequest:

@@ -51,17 +51,19 @@ class BlockingSampler(Sampler):
         return {**(engine_args or {}), **kwargs}
 
     def sample(self, inputs: Inputs, sampling_params: ParamsLike = None, adapter_name: str = '', *,
-               num_samples: int = 1, return_exceptions: bool = False,
-               session_id: Optional[str] = None) -> Union[SampleResponse, list[SampleResponse]]:
+               num_samples: int = 1, return_exceptions: bool = False, session_id: Optional[str] = None,
+               timeout: Optional[float] = None) -> Union[SampleResponse, list[SampleResponse]]:
         """See :meth:`AsyncSampler.sample`."""
         return self._portal.call(self.async_sampler.sample, inputs, sampling_params, adapter_name,
-                                 num_samples=num_samples, return_exceptions=return_exceptions, session_id=session_id)
+                                 num_samples=num_samples, return_exceptions=return_exceptions, session_id=session_id,
+                                 timeout=timeout)
 
     def stream(self, inputs: Mapping[str, Any], sampling_params: ParamsLike = None, adapter_name: str = '', *,
-               num_samples: int = 1, session_id: Optional[str] = None) -> Iterator[TokenDelta]:
+               num_samples: int = 1, session_id: Optional[str] = None,
+               timeout: Optional[float] = None) -> Iterator[TokenDelta]:
         """See :meth:`AsyncSampler.stream`."""
         agen = self.async_sampler.stream(inputs, sampling_params, adapter_name, num_samples=num_samples,
-                                         session_id=session_id)
+                                         session_id=session_id, timeout=timeout)
         return self._portal.iterate(agen)
 
     def set_template(self, template_cls: Union[str, Template, Type[Template]], **kwargs: Any) -> None:
