@@ -20,7 +20,7 @@ from twinkle_async.models import DEFAULT_MODEL
 from twinkle_async.ray.cluster import reserved_group
 from twinkle_async.ray.replicas import Op, ReplicaSet, ReplicaStatus
 from twinkle_async.sampler.async_sampler import AsyncSampler, InputLike, TemplateSpec
-from twinkle_async.sampler.requests import ParamsLike, coerce_params
+from twinkle_async.sampler.requests import ParamsLike, as_items, coerce_params
 from twinkle_async.weights import NamedTensors, named_tensors, next_version
 
 __all__ = ['RemoteSampler', 'ReplicaStatus']
@@ -89,9 +89,8 @@ class RemoteSampler(AsyncSampler):
         """
         params = coerce_params(sampling_params, num_samples)
         self._check_adapter(adapter_name)
-        one = isinstance(inputs, Mapping)
-        results = await self._sample_items([inputs] if one else list(inputs), params, adapter_name, session_id,
-                                           timeout)
+        items, one = as_items(inputs)
+        results = await self._sample_items(items, params, adapter_name, session_id, timeout)
         for result in results:
             if isinstance(result, BaseException) and (one or not return_exceptions):
                 raise result

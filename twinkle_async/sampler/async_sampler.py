@@ -15,7 +15,7 @@ from twinkle_async.errors import AdapterNotFoundError, ConfigurationError, Inval
 from twinkle_async.mesh import DeviceMesh, check_local_mesh
 from twinkle_async.models import DEFAULT_MODEL, resolve_model
 from twinkle_async.sampler.admission import Admission
-from twinkle_async.sampler.requests import ParamsLike, coerce_params, prompt_token_ids, resolve_params
+from twinkle_async.sampler.requests import ParamsLike, as_items, coerce_params, prompt_token_ids, resolve_params
 from twinkle_async.sampler.responses import ResponseBuilder, to_delta
 from twinkle_async.template import Template, build_template
 from twinkle_async.weights import NamedTensors, next_version
@@ -136,9 +136,10 @@ class AsyncSampler:
             EngineDeadError: the engine died.
         """
         params = coerce_params(sampling_params, num_samples)
-        if isinstance(inputs, Mapping):
-            return await self._sample_one(inputs, params, adapter_name, timeout)
-        results = await asyncio.gather(*(self._sample_one(item, params, adapter_name, timeout) for item in inputs),
+        items, one = as_items(inputs)
+        if one:
+            return await self._sample_one(items[0], params, adapter_name, timeout)
+        results = await asyncio.gather(*(self._sample_one(item, params, adapter_name, timeout) for item in items),
                                        return_exceptions=True)
         for result in results:
             if isinstance(result, BaseException) and not (return_exceptions and isinstance(result, TwinkleAsyncError)):

@@ -9,7 +9,7 @@ from twinkle_async.engines.base import RequestParams
 from twinkle_async.errors import InvalidInputError, InvalidSamplingParamsError, PromptTooLongError
 from twinkle_async.template import Template
 
-__all__ = ['coerce_params', 'prompt_token_ids', 'resolve_params']
+__all__ = ['coerce_params', 'as_items', 'prompt_token_ids', 'resolve_params']
 
 ParamsLike = Union[SamplingParams, Mapping[str, Any], None]
 
@@ -30,6 +30,20 @@ def coerce_params(params: ParamsLike, num_samples: Optional[int] = None) -> Samp
     if num_samples is not None:
         params = SamplingParams(**{**params.model_dump(), 'num_samples': num_samples})
     return params
+
+
+def as_items(inputs: Any) -> tuple[list[Any], bool]:
+    """The inputs of a ``sample`` call as a list, and whether it was one input (a dict) rather than a list.
+
+    Raises:
+        InvalidInputError: neither a dict nor a list/tuple of inputs.
+    """
+    if isinstance(inputs, Mapping):
+        return [inputs], True
+    if isinstance(inputs, (list, tuple)):
+        return list(inputs), False
+    raise InvalidInputError('inputs must be an InputFeature or a Trajectory dict, or a list of them, '
+                            f'got {type(inputs).__name__}')
 
 
 def prompt_token_ids(item: Any, template: Template, vocab_size: int) -> list[int]:
