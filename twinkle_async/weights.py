@@ -15,7 +15,7 @@ from twinkle_async.errors import TwinkleAsyncError, WeightUpdateError
 
 T = TypeVar('T')
 
-__all__ = ['NamedTensors', 'TensorSpec', 'named_tensors', 'conform', 'buckets', 'next_version',
+__all__ = ['NamedTensors', 'TensorSpec', 'named_tensors', 'conform', 'conformed', 'buckets', 'next_version',
            'checkpoint_specs', 'stage_update', 'DEFAULT_BUCKET_BYTES']
 
 NamedTensors = Union[Mapping[str, torch.Tensor], Iterable[tuple[str, torch.Tensor]]]
@@ -58,6 +58,13 @@ def conform(name: str, tensor: object, specs: Mapping[str, TensorSpec], what: st
         raise WeightUpdateError(f'{name!r}: dtype {tensor.dtype} is not a floating-point type '
                                 f'(the model holds {spec.dtype})')
     return tensor.detach().to(dtype=spec.dtype)
+
+
+def conformed(weights: NamedTensors, specs: Mapping[str, TensorSpec],
+              what: str = 'the model') -> Iterator[tuple[str, torch.Tensor]]:
+    """Every ``(name, tensor)`` of ``weights``, checked and cast by :func:`conform` as it is read."""
+    for name, tensor in named_tensors(weights):
+        yield name, conform(name, tensor, specs, what)
 
 
 def buckets(pairs: Iterable[tuple[str, torch.Tensor]], limit_bytes: int) -> Iterator[dict[str, torch.Tensor]]:

@@ -97,10 +97,11 @@ class Engine(Protocol):
         """Names of the loaded LoRA adapters."""
 
     async def add_adapter(self, spec: AdapterSpec) -> None:
-        """Load (or replace) a LoRA adapter; requests naming it use it from now on."""
+        """Load (or replace) a LoRA adapter; requests naming it use it from now on (the core has aborted
+        the requests that used the one it replaces)."""
 
     async def remove_adapter(self, name: str) -> None:
-        """Unload an adapter; requests still using it end with 'abort'."""
+        """Unload an adapter (the core has aborted the requests still using it)."""
 
     async def update_weights(self, weights: NamedTensors, adapter_name: Optional[str], version: int) -> None:
         """Replace base (or ``adapter_name``'s) weights in place, all or nothing, and set ``version``."""

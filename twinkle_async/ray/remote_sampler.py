@@ -12,14 +12,14 @@ from typing import Any, AsyncIterator, Mapping, Optional, Sequence, Union
 
 from twinkle_async.adapters import AdapterSource, load_adapter
 from twinkle_async.data_format.outputs import TokenDelta
-from twinkle_async.engines.base import PAUSE_MODES, PauseMode
-from twinkle_async.errors import (AdapterNotFoundError, ConfigurationError, InvalidRequestError, NotSupportedError,
-                                  ReplicaDiedError, TwinkleAsyncError, WeightUpdateError)
+from twinkle_async.engines.base import PauseMode
+from twinkle_async.errors import (ConfigurationError, NotSupportedError, ReplicaDiedError, TwinkleAsyncError,
+                                  WeightUpdateError)
 from twinkle_async.mesh import DeviceMesh
 from twinkle_async.models import DEFAULT_MODEL
 from twinkle_async.ray.cluster import reserved_group
 from twinkle_async.ray.replicas import Op, ReplicaSet, ReplicaStatus
-from twinkle_async.sampler.async_sampler import AsyncSampler, InputLike, TemplateSpec
+from twinkle_async.sampler.async_sampler import AsyncSampler, InputLike, TemplateSpec, check_pause_mode
 from twinkle_async.sampler.requests import ParamsLike, as_items, coerce_params
 from twinkle_async.weights import NamedTensors, named_tensors, next_version
 
@@ -152,8 +152,7 @@ class RemoteSampler(AsyncSampler):
         import ray
 
         async with self._model_lock:
-            if adapter_name:
-                self._check_adapter(adapter_name)
+            self._check_adapter(adapter_name or '')
             new_version = next_version(self._version, version)
             tensors = await asyncio.to_thread(_materialize, weights)
             await self._apply(Op('update_weights', (ray.put(tensors), adapter_name, new_version),
@@ -162,8 +161,7 @@ class RemoteSampler(AsyncSampler):
             return new_version
 
     async def pause(self, mode: PauseMode = 'abort') -> None:
-        if mode not in PAUSE_MODES:
-            raise InvalidRequestError(f'pause mode must be one of {PAUSE_MODES}, got {mode!r}')
+        check_pause_mode(mode)
         await self.replicas.broadcast(Op('pause', (mode,)))
         self.replicas.paused = mode
 
@@ -181,11 +179,6 @@ class RemoteSampler(AsyncSampler):
     async def _apply(self, op: Op) -> None:
         await self.replicas.broadcast(op)
         self.replicas.record(op)
-
-    def _check_adapter(self, name: str) -> None:
-        if name and name not in self.list_adapters():
-            loaded = ', '.join(map(repr, self.list_adapters())) or 'none'
-            raise AdapterNotFoundError(f'adapter {name!r} is not loaded (loaded: {loaded})')
 
     async def _sample_items(self, items: list[Any], params: Any, adapter_name: str, session_id: Optional[str],
                             timeout: Optional[float]) -> list[Any]:

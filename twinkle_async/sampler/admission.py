@@ -1,4 +1,4 @@
-"""Request admission: a bound on requests in flight, and per-request timeouts (engine-agnostic)."""
+"""Request admission: the requests in flight (bounded), their adapters, per-request timeouts (engine-agnostic)."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 from typing import Any, Iterator, Optional
 
+from twinkle_async.engines.base import EngineRequest
 from twinkle_async.errors import InvalidRequestError, OverloadedError
 
 __all__ = ['Admission']
@@ -23,11 +24,19 @@ class Admission:
                                         or max_pending < 1):
             raise InvalidRequestError(f'max_pending_requests must be a positive int or None, got {max_pending!r}')
         self.max_pending = max_pending
-        self.pending = 0
+        self.adapter_of: dict[str, str] = {}  # request id -> adapter, for requests in flight
         self._aborts: set[asyncio.Task[Any]] = set()
 
+    @property
+    def pending(self) -> int:
+        return len(self.adapter_of)
+
+    def using(self, adapter: str) -> list[str]:
+        """Ids of the requests in flight that sample with ``adapter``."""
+        return [request_id for request_id, name in self.adapter_of.items() if name == adapter]
+
     @contextlib.contextmanager
-    def admit(self, engine: Any, request_id: str, timeout: Optional[float]) -> Iterator[None]:
+    def admit(self, engine: Any, request: EngineRequest, timeout: Optional[float]) -> Iterator[None]:
         """Hold a place for one request while the block runs.
 
         Raises:
@@ -40,13 +49,13 @@ class Admission:
         if self.max_pending is not None and self.pending >= self.max_pending:
             raise OverloadedError(f'{self.pending} requests are in flight, the limit max_pending_requests='
                                   f'{self.max_pending}; retry later')
-        self.pending += 1
+        self.adapter_of[request.request_id] = request.adapter_name or ''
         timer = None if timeout is None else asyncio.get_running_loop().call_later(
-            timeout, self._abort, engine, request_id)
+            timeout, self._abort, engine, request.request_id)
         try:
             yield
         finally:
-            self.pending -= 1
+            del self.adapter_of[request.request_id]
             if timer is not None:
                 timer.cancel()
 

@@ -20,7 +20,7 @@ from twinkle_async.sampler.responses import ResponseBuilder, to_delta
 from twinkle_async.template import Template, build_template
 from twinkle_async.weights import NamedTensors, next_version
 
-__all__ = ['AsyncSampler']
+__all__ = ['AsyncSampler', 'check_pause_mode']
 
 InputLike = Mapping[str, Any]
 TemplateSpec = Union[str, Template, Type[Template]]
@@ -159,7 +159,7 @@ class AsyncSampler:
             EngineDeadError: the engine died.
         """
         request = self._request(inputs, coerce_params(sampling_params, num_samples), adapter_name)
-        with self.admission.admit(self.engine, request.request_id, timeout):
+        with self.admission.admit(self.engine, request, timeout):
             generator = self.engine.generate(request)
             try:
                 async for output in generator:
@@ -183,6 +183,7 @@ class AsyncSampler:
         """
         spec = await asyncio.to_thread(load_adapter, name, source, tensors)
         async with self._model_lock:
+            await self._abort_requests_using(name)
             await self.engine.add_adapter(spec)
 
     async def remove_adapter(self, name: str) -> None:
@@ -193,6 +194,7 @@ class AsyncSampler:
         """
         async with self._model_lock:
             self._check_adapter(name)
+            await self._abort_requests_using(name)
             await self.engine.remove_adapter(name)
 
     def list_adapters(self) -> list[str]:
@@ -229,8 +231,7 @@ class AsyncSampler:
             AdapterNotFoundError: ``adapter_name`` is not loaded.
         """
         async with self._model_lock:
-            if adapter_name:
-                self._check_adapter(adapter_name)
+            self._check_adapter(adapter_name or '')
             new_version = next_version(self.engine.weight_version, version)
             await self.engine.update_weights(weights, adapter_name or None, new_version)
             return new_version
@@ -244,8 +245,7 @@ class AsyncSampler:
                 'keep' freezes them and goes on with them after ``resume`` (on the weights of then);
                 'wait' returns once they have finished.
         """
-        if mode not in PAUSE_MODES:
-            raise InvalidRequestError(f'pause mode must be one of {PAUSE_MODES}, got {mode!r}')
+        check_pause_mode(mode)
         await self.engine.pause(mode)
 
     async def resume(self) -> None:
@@ -265,16 +265,20 @@ class AsyncSampler:
         """Serve again after :meth:`sleep`."""
         await self.engine.wake_up()
 
+    async def _abort_requests_using(self, adapter: str) -> None:
+        for request_id in self.admission.using(adapter):
+            await self.engine.abort(request_id)
+
     def _check_adapter(self, name: str) -> None:
-        if name not in self.engine.adapters:
-            loaded = ', '.join(map(repr, self.engine.adapters)) or 'none'
+        if name and name not in self.list_adapters():
+            loaded = ', '.join(map(repr, self.list_adapters())) or 'none'
             raise AdapterNotFoundError(f'adapter {name!r} is not loaded (loaded: {loaded})')
 
     async def _sample_one(self, item: InputLike, params: Any, adapter_name: str,
                           timeout: Optional[float]) -> SampleResponse:
         request = self._request(item, params, adapter_name)
         builder = ResponseBuilder(request.prompt_token_ids, params.num_samples, params.logprobs is not None)
-        with self.admission.admit(self.engine, request.request_id, timeout):
+        with self.admission.admit(self.engine, request, timeout):
             generator = self.engine.generate(request)
             try:
                 async for output in generator:
@@ -285,8 +289,13 @@ class AsyncSampler:
 
     def _request(self, item: InputLike, params: Any, adapter_name: str) -> EngineRequest:
         engine = self.engine
-        if adapter_name:
-            self._check_adapter(adapter_name)
+        self._check_adapter(adapter_name)
         prompt = prompt_token_ids(item, self.template, engine.vocab_size)
         resolved = resolve_params(params, len(prompt), engine.max_model_len, engine.vocab_size)
         return EngineRequest(uuid.uuid4().hex, prompt, resolved, adapter_name or None)
+
+
+def check_pause_mode(mode: object) -> None:
+    """Raises InvalidRequestError unless ``mode`` is 'abort', 'keep' or 'wait'."""
+    if mode not in PAUSE_MODES:
+        raise InvalidRequestError(f'pause mode must be one of {PAUSE_MODES}, got {mode!r}')

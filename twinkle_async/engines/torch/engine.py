@@ -46,7 +46,6 @@ class TorchEngine:
         self.weights = WeightStore(model)
         self._weight_version = 0
         self._sleep_level = 0
-        self._adapter_of: dict[str, str] = {}  # request id -> adapter, for requests in flight
         self._replies: set[asyncio.Future[Any]] = set()  # answers awaited from the thread
         self._thread = threading.Thread(target=self.core.run, name='twinkle-async-torch-engine', daemon=True)
         self._thread.start()
@@ -81,8 +80,6 @@ class TorchEngine:
                                       f'max_num_seqs={self.args.max_num_seqs}')
         collector = RequestCollector(request.params.num_samples)
         self._collectors[request.request_id] = collector
-        if request.adapter_name:
-            self._adapter_of[request.request_id] = request.adapter_name
         self.core.submit(request)
         try:
             while not collector.finished:
@@ -94,7 +91,6 @@ class TorchEngine:
             raise
         finally:
             self._collectors.pop(request.request_id, None)
-            self._adapter_of.pop(request.request_id, None)
 
     async def abort(self, request_id: str) -> None:
         """End ``request_id`` early; its unfinished samples finish with 'abort'."""
@@ -114,14 +110,12 @@ class TorchEngine:
         return self.core.lora.names
 
     async def add_adapter(self, spec: AdapterSpec) -> None:
-        """Load ``spec`` with PEFT (replacing an adapter of that name; its requests in flight end with 'abort')."""
+        """Load ``spec`` with PEFT (replacing an adapter of that name)."""
         check_fits(spec, self.weights.specs)
-        await self._abort_adapter_requests(spec.name)
         await self._call(lambda: self.core.lora.add(spec))
 
     async def remove_adapter(self, name: str) -> None:
-        """Unload ``name``; its requests in flight end with 'abort'."""
-        await self._abort_adapter_requests(name)
+        """Unload ``name``."""
         await self._call(lambda: self.core.lora.remove(name))
 
     async def update_weights(self, weights: NamedTensors, adapter_name: Optional[str], version: int) -> None:
@@ -189,10 +183,6 @@ class TorchEngine:
         self._replies.add(reply)
         reply.add_done_callback(self._replies.discard)
         return reply
-
-    async def _abort_adapter_requests(self, name: str) -> None:
-        for request_id in [rid for rid, adapter in self._adapter_of.items() if adapter == name]:
-            self.core.abort(request_id)
 
     def _release_all(self) -> None:
         self.core.cache.release()

@@ -12,7 +12,7 @@ import torch
 
 from twinkle_async.adapters import AdapterSpec
 from twinkle_async.errors import AdapterNotFoundError, InvalidAdapterError, WeightUpdateError
-from twinkle_async.weights import NamedTensors, TensorSpec, conform, named_tensors
+from twinkle_async.weights import NamedTensors, TensorSpec, conformed
 
 __all__ = ['LoraAdapters', 'BASE']
 
@@ -39,8 +39,9 @@ class LoraAdapters:
     def names(self) -> list[str]:
         return list(self.params)
 
-    def forward_kwargs(self, adapter_names: list[str]) -> dict[str, Any]:
-        return {'adapter_names': adapter_names} if self.peft is not None else {}
+    def forward_kwargs(self, adapter_names: list[str], rows: int) -> dict[str, Any]:
+        """PEFT's per-row adapter names for the first ``rows`` rows; nothing while no adapter is loaded."""
+        return {'adapter_names': adapter_names[:rows]} if self.peft is not None else {}
 
     def add(self, spec: AdapterSpec) -> None:
         """Load ``spec`` (replacing an adapter of the same name).
@@ -90,7 +91,7 @@ class LoraAdapters:
     def stage(self, name: str, tensors: NamedTensors, complete: bool = False) -> dict[str, torch.Tensor]:
         """Checked copies of ``tensors`` for adapter ``name`` (``complete``: every key must be there)."""
         specs = self.specs(name)
-        staged = {key: conform(key, t, specs, f'adapter {name!r}').clone() for key, t in named_tensors(tensors)}
+        staged = {key: t.clone() for key, t in conformed(tensors, specs, f'adapter {name!r}')}
         missing = sorted(set(specs) - set(staged)) if complete else []
         if missing:
             raise WeightUpdateError(f'adapter {name!r} is missing {len(missing)} tensor(s), e.g. {missing[0]!r}')

@@ -68,7 +68,7 @@ class ModelRunner:
         logits = self.lora.model(input_ids=self.table.last_tokens[:rows].unsqueeze(1),
                                  position_ids=positions.unsqueeze(1), attention_mask=mask,
                                  past_key_values=self.cache, use_cache=True, logits_to_keep=1,
-                                 **self.lora.forward_kwargs(self.table.adapters[:rows])).logits[:, -1]
+                                 **self.lora.forward_kwargs(self.table.adapters, rows)).logits[:, -1]
         self.table.positions[:rows] += 1
         return logits
 
@@ -85,7 +85,7 @@ class ModelRunner:
         return self.lora.model(input_ids=input_ids.unsqueeze(0), position_ids=positions.unsqueeze(0),
                                past_key_values=self.cache, use_cache=True, logits_to_keep=keep,
                                **self._prefill_attention(seq_ids, positions, lengths),
-                               **self.lora.forward_kwargs([adapter])).logits[0]
+                               **self.lora.forward_kwargs([adapter], 1)).logits[0]
 
     def _prefill_attention(self, seq_ids: torch.Tensor, positions: torch.Tensor,
                            lengths: list[int]) -> dict[str, torch.Tensor]:

@@ -36,7 +36,6 @@ class VLLMEngine:
         self.labels = VersionLabels(llm.output_processor)
         self.loras = LoraRegistry(llm)
         self.weight_sync = WeightSync(llm, model_dir)
-        self._adapter_of: dict[str, str] = {}  # request id -> adapter, for requests in flight
         self._user_paused = False
         self._closed = False
 
@@ -107,17 +106,13 @@ class VLLMEngine:
                 raise
             raise translated from exc
         finally:
-            self._adapter_of.pop(request.request_id, None)
             if not finished and not self.is_dead:
                 await asyncio.shield(self.llm.abort(request.request_id))
 
     async def _add(self, request: EngineRequest, prompt: Any, params: Any, lora_request: Any) -> StampedQueue:
-        if request.adapter_name:
-            self._adapter_of[request.request_id] = request.adapter_name
         try:
             vllm_queue = await self.llm.add_request(request.request_id, prompt, params, lora_request=lora_request)
         except Exception as exc:
-            self._adapter_of.pop(request.request_id, None)
             raise self._translate(exc) from exc
         return StampedQueue(vllm_queue, self.labels)
 
@@ -141,16 +136,14 @@ class VLLMEngine:
         return self.loras.names
 
     async def add_adapter(self, spec: AdapterSpec) -> None:
-        """Serve ``spec`` as a vLLM LoRA (replacing one of that name: its requests in flight end with 'abort')."""
+        """Serve ``spec`` as a vLLM LoRA (replacing one of that name)."""
         self._check_alive()
         check_fits(spec, self.weight_sync.specs)
-        await self._abort_adapter_requests(spec.name)
         await self.loras.add(spec)
 
     async def remove_adapter(self, name: str) -> None:
-        """Unload ``name``; its requests in flight end with 'abort'."""
+        """Unload ``name``."""
         self._check_alive()
-        await self._abort_adapter_requests(name)
         await self.loras.remove(name)
 
     async def update_weights(self, weights: NamedTensors, adapter_name: Optional[str], version: int) -> None:
@@ -209,11 +202,6 @@ class VLLMEngine:
         finally:
             if not self.is_dead:
                 await self.llm.resume_generation()
-
-    async def _abort_adapter_requests(self, name: str) -> None:
-        ids = [rid for rid, adapter in self._adapter_of.items() if adapter == name]
-        if ids:
-            await self.llm.abort(ids)
 
     def _check_alive(self) -> None:
         if self._closed:

@@ -17,7 +17,7 @@ import torch
 
 from twinkle_async.adapters import AdapterSpec, write_adapter
 from twinkle_async.errors import AdapterNotFoundError, InvalidAdapterError, NotSupportedError
-from twinkle_async.weights import NamedTensors, conform, named_tensors, stage_update
+from twinkle_async.weights import NamedTensors, conformed, stage_update
 
 __all__ = ['LoraRegistry']
 
@@ -77,8 +77,7 @@ class LoraRegistry:
         """Checked new tensors for adapter ``name`` (any subset of its tensors)."""
         self.request_for(name)
         specs = self.specs[name].specs()
-        return await stage_update(lambda: {key: conform(key, t, specs, f'adapter {name!r}').clone()
-                                           for key, t in named_tensors(weights)})
+        return await stage_update(lambda: {key: t.clone() for key, t in conformed(weights, specs, f'adapter {name!r}')})
 
     async def apply(self, name: str, staged: dict[str, torch.Tensor]) -> None:
         """Rewrite the adapter's files and drop vLLM's loaded copy (call with generation paused)."""

@@ -16,8 +16,8 @@ from typing import Any, Awaitable, Callable, Iterator, Optional
 import torch
 
 from twinkle_async.errors import WeightUpdateError
-from twinkle_async.weights import (DEFAULT_BUCKET_BYTES, NamedTensors, TensorSpec, buckets, checkpoint_specs, conform,
-                                   named_tensors, stage_update)
+from twinkle_async.weights import (DEFAULT_BUCKET_BYTES, NamedTensors, TensorSpec, buckets, checkpoint_specs,
+                                   conformed, stage_update)
 
 __all__ = ['WeightSync']
 
@@ -52,7 +52,7 @@ class WeightSync:
             WeightUpdateError: a bad tensor or a failing source; the workers forget what was staged.
         """
         await self._rpc('twinkle_discard')
-        checked = ((name, conform(name, t, self.specs)) for name, t in named_tensors(weights))
+        checked = conformed(weights, self.specs)
         chunks = buckets(((n, t) for n, t in checked if not (n == _LM_HEAD and self._tied_lm_head)), self.bucket_bytes)
         directory = Path(tempfile.mkdtemp(prefix='twinkle-async-weights-', dir=_SHARED_MEMORY))
         try:
