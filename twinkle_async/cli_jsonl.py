@@ -13,7 +13,9 @@ import asyncio
 import contextlib
 import itertools
 import json
+import os
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -234,7 +236,7 @@ def _path_problem(input_path: str, output_path: str, overwrite: bool) -> Optiona
         return None
     if input_path != '-' and Path(output_path).resolve() == Path(input_path).resolve():
         return f'--output {output_path} is the input file'
-    if Path(output_path).exists() and not overwrite:
+    if os.path.lexists(output_path) and not overwrite:  # lexists: a dangling symlink counts as a file
         return f'output file {output_path} already exists (pass --overwrite to replace it)'
     if not Path(output_path).resolve().parent.is_dir():
         return f'the folder of --output {output_path} does not exist'
@@ -243,11 +245,34 @@ def _path_problem(input_path: str, output_path: str, overwrite: bool) -> Optiona
 
 @contextlib.contextmanager
 def _open_output(path: str, overwrite: bool) -> Iterator[TextIO]:
+    """Write into a temporary file next to ``path``, published when the block ends without an exception.
+
+    An existing file is only ever replaced whole (``--overwrite``), never emptied first: a run that crashes
+    leaves it as it was. Without ``overwrite`` the file is published with a hard link, which fails rather than
+    replace a file that appeared meanwhile.
+    """
     if path == '-':
         yield sys.stdout
         return
-    with open(path, 'w' if overwrite else 'x', encoding='utf-8') as stream:
-        yield stream
+    target = Path(path)
+    descriptor, temporary = tempfile.mkstemp(prefix=f'.{target.name}.', suffix='.partial', dir=target.parent)
+    try:
+        os.chmod(temporary, 0o666 & ~_umask())
+        with os.fdopen(descriptor, 'w', encoding='utf-8') as stream:
+            yield stream
+        if overwrite:
+            os.replace(temporary, target)
+        else:
+            os.link(temporary, target)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temporary)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _bad_lines_message(errors: list[str], shown: int = 10) -> str:

