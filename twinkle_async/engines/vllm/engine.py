@@ -7,7 +7,7 @@ import contextlib
 import dataclasses
 import os
 from pathlib import Path
-from typing import Any, AsyncIterator, Iterator, Mapping, Optional
+from typing import Any, AsyncIterator, Awaitable, Iterator, Mapping, Optional, TypeVar
 
 from twinkle_async.adapters import AdapterSpec, check_fits
 from twinkle_async.engines.base import EngineOutput, EngineRequest, EngineStats, PauseMode
@@ -23,6 +23,8 @@ from twinkle_async.models import require_safetensors
 from twinkle_async.weights import NamedTensors
 
 __all__ = ['VLLMEngine']
+
+T = TypeVar('T')
 
 
 class VLLMEngine:
@@ -148,12 +150,12 @@ class VLLMEngine:
         """Serve ``spec`` as a vLLM LoRA (replacing one of that name)."""
         self._check_alive()
         check_fits(spec, self.weight_sync.specs)
-        await self.loras.add(spec)
+        await self._unless_dead(self.loras.add(spec))
 
     async def remove_adapter(self, name: str) -> None:
         """Unload ``name``."""
         self._check_alive()
-        await self.loras.remove(name)
+        await self._unless_dead(self.loras.remove(name))
 
     async def update_weights(self, weights: NamedTensors, adapter_name: Optional[str], version: int) -> None:
         """Stage in buckets, then apply with generation paused ('keep'): requests in flight are recomputed
@@ -161,8 +163,12 @@ class VLLMEngine:
 
         Raises:
             WeightUpdateError: bad name, shape or dtype, or ``weights`` raised; nothing was applied.
+            EngineDeadError: the engine core died (before or during the update).
         """
         self._check_alive()
+        await self._unless_dead(self._update_weights(weights, adapter_name, version))
+
+    async def _update_weights(self, weights: NamedTensors, adapter_name: Optional[str], version: int) -> None:
         if adapter_name:
             staged = await self.loras.stage(adapter_name, weights)
             apply = lambda: self.loras.apply(adapter_name, staged)  # noqa: E731
@@ -174,13 +180,13 @@ class VLLMEngine:
 
     async def pause(self, mode: PauseMode) -> None:
         self._check_alive()
-        await self.llm.pause_generation(mode=mode, clear_cache=False)
+        await self._unless_dead(self.llm.pause_generation(mode=mode, clear_cache=False))
         self._user_paused = True
 
     async def resume(self) -> None:
         self._check_alive()
         self._user_paused = False
-        await self.llm.resume_generation()
+        await self._unless_dead(self.llm.resume_generation())
 
     async def sleep(self, level: int) -> None:
         raise NotSupportedError(_NO_SLEEP)
@@ -211,6 +217,25 @@ class VLLMEngine:
         finally:
             if not self.is_dead:
                 await self.llm.resume_generation()
+
+    async def _unless_dead(self, work: Awaitable[T]) -> T:
+        """``await work``, or EngineDeadError as soon as the engine core dies: vLLM never answers a utility call
+        (collective_rpc, add_lora, pause_generation) whose core died, so ``work`` alone could wait forever."""
+        task = asyncio.ensure_future(work)
+        task.add_done_callback(_retrieve)
+        handler = self.llm.output_handler  # vLLM's output task: it ends when the engine core dies (or on close)
+        watched = {task} if handler is None else {task, handler}
+        try:
+            await asyncio.wait(watched, return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:  # the caller gave up: ``work`` cleans up first (e.g. discards staged weights)
+            task.cancel()
+            await asyncio.wait(watched, return_when=asyncio.FIRST_COMPLETED)
+            raise
+        if not task.done():
+            task.cancel()
+        if not task.done() or task.cancelled() or task.exception() is not None:
+            self._check_alive()  # a dead engine is the error, whatever ``work`` made of it (e.g. WeightUpdateError)
+        return task.result()
 
     def _check_alive(self) -> None:
         if self._closed:
@@ -247,6 +272,12 @@ def _environment(overrides: dict[str, str]) -> Iterator[None]:
 
 _NO_SLEEP = ('sleep()/wake_up() are not wired to vLLM\'s sleep mode (it needs a GPU and enable_sleep_mode=True; '
              'vLLM-CPU has none): use pause(), or the torch engine\'s sleep()')
+
+
+def _retrieve(task: asyncio.Future[Any]) -> None:
+    """Mark the error of work left behind by a dead engine as seen (asyncio logs it otherwise)."""
+    if not task.cancelled():
+        task.exception()
 
 
 def _already_shut_down(*args: object, **kwargs: object) -> None:
