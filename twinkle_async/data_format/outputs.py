@@ -20,7 +20,9 @@ class SampledSequence(BaseModel):
     """One completion.
 
     ``tokens`` are the generated ids (a stop token is included, the stop string's text is not in
-    ``decoded`` unless asked for). ``logprobs[i][0]`` is always the sampled token ``tokens[i]``.
+    ``decoded`` unless asked for; a stop string that ends inside a token keeps that whole token in
+    ``tokens``, so text after the stop string may be in ``tokens`` but not in ``decoded``, as in vLLM).
+    ``logprobs[i][0]`` is always the sampled token ``tokens[i]``.
     ``new_input_feature`` holds prompt + completion ids for token-in/token-out multi-turn use.
     ``weight_versions[i]`` is the version of the weights that sampled ``tokens[i]`` (two versions
     appear when a rollout was kept across a weight update).
