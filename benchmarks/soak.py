@@ -104,6 +104,7 @@ class Soak:
 
     async def run(self) -> SoakReport:
         import psutil
+        await leaks(self.sampler)  # one request first: engines start some worker threads lazily (vLLM's renderer)
         threads, children = thread_names(), {p.pid for p in psutil.Process().children(recursive=True)}
         self.report.rss_mib.append(tree_rss_mib())
         start = time.monotonic()
