@@ -19,6 +19,7 @@ import sys
 import tempfile
 from pathlib import Path
 from typing import Any, Optional
+from unittest import mock
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -95,29 +96,13 @@ def main(argv: Optional[list[str]] = None) -> list[dict[str, Any]]:
                      else resolve_model(DEFAULT_MODEL if args.model == 'default' else args.model))
         for engine in args.engines:
             for capacity in (args.onednn_cache if engine == 'vllm' else ['default']):
-                with _onednn_cache(capacity):
+                with mock.patch.dict(os.environ, {} if capacity == 'default' else
+                                     {'ONEDNN_PRIMITIVE_CACHE_CAPACITY': capacity}):  # read by engine processes
                     rows += asyncio.run(one_engine(engine, model_dir, args, capacity))
     print_tables(rows)
     args.json.parent.mkdir(parents=True, exist_ok=True)
     write_json(args.json, {'machine': machine_info(), 'model': args.model, 'rows': rows})
     return rows
-
-
-class _onednn_cache:
-    """Set ``ONEDNN_PRIMITIVE_CACHE_CAPACITY`` for engine processes started inside the block."""
-
-    def __init__(self, capacity: str) -> None:
-        self.capacity = capacity
-
-    def __enter__(self) -> None:
-        self.saved = os.environ.get('ONEDNN_PRIMITIVE_CACHE_CAPACITY')
-        if self.capacity != 'default':
-            os.environ['ONEDNN_PRIMITIVE_CACHE_CAPACITY'] = self.capacity
-
-    def __exit__(self, *exc: object) -> None:
-        os.environ.pop('ONEDNN_PRIMITIVE_CACHE_CAPACITY', None)
-        if self.saved is not None:
-            os.environ['ONEDNN_PRIMITIVE_CACHE_CAPACITY'] = self.saved
 
 
 if __name__ == '__main__':

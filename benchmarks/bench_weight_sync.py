@@ -22,7 +22,7 @@ from typing import Any, Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import format_table, machine_info, write_json  # noqa: E402
+from common import format_table, machine_info, tree_rss_mib, write_json  # noqa: E402
 
 import torch  # noqa: E402
 
@@ -70,12 +70,6 @@ def lora_adapter(model_dir: Path, out_dir: Path) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in get_peft_model_state_dict(peft_model).items()}
 
 
-def tree_rss_mib() -> int:
-    import psutil
-    me = psutil.Process()
-    return sum(p.memory_info().rss for p in [me, *me.children(recursive=True)]) // 2**20
-
-
 class PairsOf:
     """The same tensors as a one-shot iterable of pairs (a generator-style source: staged as copies)."""
 
@@ -107,7 +101,7 @@ async def measure_engine(engine: str, model_dir: Path, base: dict[str, torch.Ten
         rss = []
         for _ in range(args.rss_updates):
             await sampler.update_weights(base)
-            rss.append(tree_rss_mib())
+            rss.append(int(tree_rss_mib()))
         answer = (await sampler.sample({'messages': [{'role': 'user', 'content': 'What is the capital of France?'}]},
                                        {'max_tokens': 12, 'temperature': 0})).sequences[0].decoded
     return {'engine': engine, 'full_s': full, 'pairs_s': pairs, 'lora_s': adapter, 'rss_mib': rss,

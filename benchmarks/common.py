@@ -15,7 +15,7 @@ from typing import Any, Callable, Iterator, Optional, Sequence, TypeVar
 __all__ = ['Workload', 'SystemResult', 'build_chat_workload', 'build_tiny_llama', 'timed', 'format_table',
            'write_json', 'count_mismatches', 'machine_info', 'iter_batches',
            'cpu_pressure', 'git_revision', 'best_of',
-           'wait_for_quiet_cpu']
+           'wait_for_quiet_cpu', 'tree_rss_mib']
 
 T = TypeVar('T')
 
@@ -218,6 +218,19 @@ def wait_for_quiet_cpu(max_pressure: float, max_wait_s: float) -> Optional[float
         time.sleep(2)
         pressure = cpu_pressure()
     return pressure
+
+
+def tree_rss_mib() -> float:
+    """Resident memory of this process and all its children (vLLM's engine core is one), in MiB."""
+    import psutil
+    me = psutil.Process()
+    total = me.memory_info().rss
+    for child in me.children(recursive=True):
+        try:
+            total += child.memory_info().rss
+        except psutil.Error:  # exited between listing and reading
+            pass
+    return total / 2**20
 
 
 def count_mismatches(a: Sequence[Sequence[int]], b: Sequence[Sequence[int]]) -> tuple[int, Optional[int]]:

@@ -14,21 +14,10 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-__all__ = ['LoadReport', 'StormReport', 'Leaks', 'run_load', 'run_cancel_storm', 'leaks', 'tree_rss_mib',
-           'percentile', 'random_prompt', 'thread_names', 'STORM_MODES']
+from common import tree_rss_mib
 
-
-def tree_rss_mib() -> float:
-    """Resident memory of this process and all its children (vLLM's engine core is one), in MiB."""
-    import psutil
-    me = psutil.Process()
-    total = me.memory_info().rss
-    for child in me.children(recursive=True):
-        try:
-            total += child.memory_info().rss
-        except psutil.Error:  # exited between listing and reading
-            pass
-    return total / 2**20
+__all__ = ['LoadReport', 'StormReport', 'Leaks', 'run_load', 'run_cancel_storm', 'leaks', 'percentile', 'random_prompt',
+           'thread_names', 'STORM_MODES']
 
 
 def percentile(values: list[float], q: float) -> float:

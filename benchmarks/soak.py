@@ -28,7 +28,8 @@ from typing import Any, Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from loadgen import Leaks, leaks, random_prompt, thread_names, tree_rss_mib  # noqa: E402
+from common import tree_rss_mib  # noqa: E402
+from loadgen import Leaks, leaks, random_prompt, thread_names  # noqa: E402
 
 OPERATIONS = {'sample': 4, 'stream': 2, 'stream-left': 2, 'timeout': 1, 'bad-request': 1}
 """Each worker's next operation, drawn with these weights."""

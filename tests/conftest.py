@@ -99,6 +99,12 @@ def sampler(request: pytest.FixtureRequest):
     return request.getfixturevalue(f'{request.param}_sampler')
 
 
+def child_pids() -> set[int]:
+    """Process ids of every descendant of this process (vLLM engine cores among them)."""
+    import psutil
+    return {p.pid for p in psutil.Process().children(recursive=True)}
+
+
 def chat(text: str) -> dict:
     """A one-message user trajectory."""
     return {'messages': [{'role': 'user', 'content': text}]}

@@ -22,9 +22,10 @@ import psutil
 import pytest
 from safetensors.torch import load_file
 
-from conftest import TINY_ENGINE_ARGS, chat, start_long_stream, within
+from conftest import TINY_ENGINE_ARGS, chat, child_pids, start_long_stream, within
 from tiny_model import build_tiny_lora
 from twinkle_async import AsyncSampler
+from twinkle_async.engines.torch.engine import THREAD_NAME
 from twinkle_async.errors import EngineDeadError
 
 FAULT_ARGS = {'max_model_len': 256, 'max_num_seqs': 4}  # 4 running, the rest queued
@@ -33,7 +34,6 @@ GREEDY = {'max_tokens': 24, 'temperature': 0, 'ignore_eos': True}
 PROMPTS = [chat(p) for p in ('def main():', 'import os', 'class A:')]
 FAULT_TO_ERROR_LIMIT = 10.0  # seconds from the fault to the last waiter's EngineDeadError
 AT_ONCE = 2.0  # seconds a call on a dead engine may take to refuse
-TORCH_THREAD = 'twinkle-async-torch-engine'
 
 
 @pytest.fixture(scope='module')
@@ -148,7 +148,7 @@ async def assert_new_sampler_serves_like(reference: AsyncSampler, model_dir: Pat
 
 def torch_engine_threads(before: set[threading.Thread]) -> list[threading.Thread]:
     """Torch engine threads alive now that were not before (those of the session fixtures)."""
-    return [t for t in threading.enumerate() if t.name == TORCH_THREAD and t.is_alive() and t not in before]
+    return [t for t in threading.enumerate() if t.name == THREAD_NAME and t.is_alive() and t not in before]
 
 
 # -- torch: the engine thread raises --
@@ -320,7 +320,7 @@ def gate_rpcs(engine: Any) -> tuple[asyncio.Event, asyncio.Event]:
 @pytest.mark.slow
 async def test_vllm_engine_core_killed_fails_every_waiter_then_a_new_sampler_serves_and_nothing_is_left(
         tiny_model_dir, vllm_sampler, new_weights, lora_dir):
-    before = {p.pid for p in psutil.Process().children(recursive=True)}
+    before = child_pids()
     sampler = AsyncSampler(str(tiny_model_dir), engine='vllm', engine_args=FAULT_ARGS)
     await within(sampler.start(), 300)
     waiters = await freeze_a_full_engine(sampler)

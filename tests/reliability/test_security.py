@@ -25,13 +25,13 @@ import threading
 from pathlib import Path
 from typing import Any, Callable
 
-import psutil
 import pytest
 
-from conftest import ENGINES, TINY_ENGINE_ARGS, chat, within
+from conftest import ENGINES, TINY_ENGINE_ARGS, chat, child_pids, within
 from twinkle_async import AsyncSampler, models
 from twinkle_async.cli import main
 from twinkle_async.engines.torch.args import TorchEngineArgs
+from twinkle_async.engines.torch.engine import THREAD_NAME
 from twinkle_async.errors import ConfigurationError, InvalidAdapterError, ModelNotFoundError
 from twinkle_async.models import DEFAULT_MODEL, require_safetensors, resolve_model
 
@@ -123,14 +123,14 @@ class EngineStarts:
     threads_before: int
 
     def new_children(self) -> set[int]:
-        return {p.pid for p in psutil.Process().children(recursive=True)} - self.children_before
+        return child_pids() - self.children_before
 
     def new_engine_threads(self) -> int:
         return _torch_engine_threads() - self.threads_before
 
 
 def _torch_engine_threads() -> int:
-    return sum(t.name == 'twinkle-async-torch-engine' for t in threading.enumerate())
+    return sum(t.name == THREAD_NAME for t in threading.enumerate())
 
 
 @pytest.fixture()
@@ -138,7 +138,7 @@ def engine_starts(monkeypatch: pytest.MonkeyPatch) -> EngineStarts:
     from twinkle_async.engines.torch.engine import TorchEngine
     from vllm.v1.engine.async_llm import AsyncLLM
 
-    starts = EngineStarts([], {p.pid for p in psutil.Process().children(recursive=True)}, _torch_engine_threads())
+    starts = EngineStarts([], child_pids(), _torch_engine_threads())
 
     def refuse(kind: str) -> Callable[..., Any]:
         def start(*args: Any, **kwargs: Any) -> Any:

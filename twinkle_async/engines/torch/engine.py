@@ -21,7 +21,10 @@ from twinkle_async.weights import NamedTensors, stage_update
 
 T = TypeVar('T')
 
-__all__ = ['TorchEngine']
+__all__ = ['TorchEngine', 'THREAD_NAME']
+
+THREAD_NAME = 'twinkle-async-torch-engine'
+"""The engine loop's thread: a leftover one after ``close()`` is a leak."""
 
 logger = logging.getLogger(__name__)
 
@@ -47,7 +50,7 @@ class TorchEngine:
         self._weight_version = 0
         self._sleep_level = 0
         self._replies: set[asyncio.Future[Any]] = set()  # answers awaited from the thread
-        self._thread = threading.Thread(target=self.core.run, name='twinkle-async-torch-engine', daemon=True)
+        self._thread = threading.Thread(target=self.core.run, name=THREAD_NAME, daemon=True)
         self._thread.start()
 
     @classmethod
