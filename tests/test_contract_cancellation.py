@@ -51,7 +51,7 @@ async def test_abort_ends_the_stream_with_abort_and_partial_tokens(sampler):
     results: list = []
 
     async def run() -> None:
-        request = sampler._request(chat('abort me'), __import__('twinkle_async').SamplingParams(
+        _, request = sampler._request(chat('abort me'), __import__('twinkle_async').SamplingParams(
             max_tokens=400, ignore_eos=True), '')
         async for output in sampler.engine.generate(request):
             results.append(output)

@@ -8,7 +8,7 @@ from transformers import AutoTokenizer
 from twinkle_async import SamplingParams
 from twinkle_async.engines.base import EngineOutput
 from twinkle_async.errors import InvalidInputError, InvalidSamplingParamsError, PromptTooLongError
-from twinkle_async.sampler.requests import coerce_params, prompt_token_ids, resolve_params
+from twinkle_async.sampler.requests import coerce_params, encode_input, resolve_params
 from twinkle_async.sampler.responses import ResponseBuilder
 from twinkle_async.template import IncrementalDetokenizer, Template, build_template
 
@@ -23,7 +23,7 @@ def test_from_dict_accepts_max_new_tokens_and_rejects_unknown_keys():
 
 @pytest.mark.parametrize('field,value', [('temperature', -1), ('top_p', 0), ('top_p', 1.5), ('top_k', 0),
                                          ('repetition_penalty', 0), ('logprobs', -1), ('num_samples', 0),
-                                         ('max_tokens', 0), ('stop', ''), ('stop', ['a', ''])])
+                                         ('max_tokens', -1), ('stop', ''), ('stop', ['a', ''])])
 def test_invalid_values_name_their_field(field, value):
     with pytest.raises(InvalidSamplingParamsError, match=field):
         SamplingParams(**{field: value})
@@ -67,9 +67,9 @@ def test_template_encodes_chat_with_generation_prompt_and_tools(tokenizer):
 def test_prompt_token_ids_accepts_features_tensors_and_trajectories(tokenizer):
     import torch
     template = build_template('chatml', tokenizer)
-    assert prompt_token_ids({'input_ids': torch.tensor([1, 2, 3])}, template, 100) == [1, 2, 3]
-    assert prompt_token_ids({'input_ids': [[4, 5]]}, template, 100) == [4, 5]
-    assert prompt_token_ids({'messages': [{'role': 'user', 'content': 'x'}]}, template, 10**6)
+    assert encode_input({'input_ids': torch.tensor([1, 2, 3])}, template, 100)[1] == [1, 2, 3]
+    assert encode_input({'input_ids': [[4, 5]]}, template, 100)[1] == [4, 5]
+    assert encode_input({'messages': [{'role': 'user', 'content': 'x'}]}, template, 10**6)[1]
 
 
 def test_incremental_detokenizer_never_emits_a_broken_character(tokenizer):
@@ -88,7 +88,7 @@ def test_response_builder_orders_samples_and_splits_prompt_logprobs():
     builder.add(EngineOutput('r', 0, [7], [[(7, -0.1), (7, -0.1)]], 'a', None,
                              prompt_logprobs=[None, [(2, -1.0), (3, -0.2)]]))
     builder.add(EngineOutput('r', 0, [8], [[(8, -0.2), (3, -0.1)]], 'c', 'stop'))
-    response = builder.build()
+    response = builder.build(lambda tokens: {'input_ids': [1, 2] + tokens})
     assert [s.tokens for s in response.sequences] == [[7, 8], [9]]
     assert [s.decoded for s in response.sequences] == ['ac', 'b']
     assert response.prompt_logprobs == [None, -1.0] and response.topk_prompt_logprobs == [None, [(3, -0.2)]]

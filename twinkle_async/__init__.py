@@ -7,7 +7,8 @@
 from twinkle_async import errors
 from twinkle_async.data_format import (InputFeature, Message, SampledSequence, SampleResponse, SamplingParams,
                                        TokenDelta, Trajectory)
-from twinkle_async.mesh import DeviceGroup, DeviceMesh, initialize
+from twinkle_async.infra import get_device_placement, get_logger, initialize
+from twinkle_async.mesh import DeviceGroup, DeviceMesh
 from twinkle_async.models import DEFAULT_MODEL, resolve_model
 from twinkle_async.sampler import AsyncSampler, Sampler, TorchSampler, vLLMSampler
 from twinkle_async.template import Template
@@ -15,5 +16,6 @@ from twinkle_async.template import Template
 __version__ = '0.1.0'
 
 __all__ = ['errors', 'InputFeature', 'Message', 'SampledSequence', 'SampleResponse', 'SamplingParams', 'TokenDelta',
-           'Trajectory', 'DeviceGroup', 'DeviceMesh', 'initialize', 'DEFAULT_MODEL', 'resolve_model', 'AsyncSampler',
-           'Sampler', 'TorchSampler', 'vLLMSampler', 'Template', '__version__']
+           'Trajectory', 'DeviceGroup', 'DeviceMesh', 'initialize', 'get_logger', 'get_device_placement',
+           'DEFAULT_MODEL', 'resolve_model', 'AsyncSampler', 'Sampler', 'TorchSampler', 'vLLMSampler', 'Template',
+           '__version__']

@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal, Optional
+from typing import Any, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict
-
-from twinkle_async.data_format.inputs import InputFeature
 
 __all__ = ['StopReason', 'LogprobRow', 'SampledSequence', 'SampleResponse', 'TokenDelta']
 
@@ -23,7 +21,10 @@ class SampledSequence(BaseModel):
     ``decoded`` unless asked for; a stop string that ends inside a token keeps that whole token in
     ``tokens``, so text after the stop string may be in ``tokens`` but not in ``decoded``, as in vLLM).
     ``logprobs[i][0]`` is always the sampled token ``tokens[i]``.
-    ``new_input_feature`` holds prompt + completion ids for token-in/token-out multi-turn use.
+    ``new_input_feature`` is the input continued by this completion (an ``InputFeature``: every key of the
+    input, ``input_ids`` = prompt + completion, Twinkle's rolled ``labels``, ``attention_mask``, ``position_ids``,
+    ``length``, and with ``messages`` the completion appended as an assistant message with parsed ``tool_calls``)
+    for token-in/token-out multi-turn use and training.
     ``weight_versions[i]`` is the version of the weights that sampled ``tokens[i]`` (two versions
     appear when a rollout was kept across a weight update).
     """
@@ -34,7 +35,7 @@ class SampledSequence(BaseModel):
     tokens: list[int]
     logprobs: Optional[list[LogprobRow]] = None
     decoded: Optional[str] = None
-    new_input_feature: Optional[InputFeature] = None
+    new_input_feature: Optional[dict[str, Any]] = None
     weight_versions: Optional[list[int]] = None
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Mapping, Union
 
-from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
 
 from twinkle_async.errors import InvalidSamplingParamsError
 
@@ -17,7 +17,9 @@ class SamplingParams(BaseModel):
     """How to sample. Field names and defaults follow ModelScope Twinkle.
 
     Args:
-        max_tokens: most tokens to generate; ``None`` fills the model's context.
+        max_tokens: most tokens to generate; ``None`` fills the model's context. ``0`` scores the prompt
+            without generating (Twinkle's teacher scoring): it needs ``prompt_logprobs``, and the response's
+            sequences are empty.
         seed: makes sampling reproducible; sample ``i`` of ``num_samples`` uses ``seed + i``.
         stop: a stop string, a list of stop strings (matched on decoded text, possibly spanning
             several tokens) or a list of stop token ids.
@@ -25,7 +27,8 @@ class SamplingParams(BaseModel):
         temperature: 0 means greedy.
         top_k: -1 disables it. top_p: in (0, 1]. repetition_penalty: > 0, 1 disables it.
         logprobs: ``None`` returns none; ``k >= 0`` returns the sampled token's logprob first,
-            followed by the ``k`` most likely tokens (sorted), per generated token.
+            followed by the ``k`` most likely tokens (sorted), per generated token. The engine's
+            ``max_logprobs`` (default 20) bounds ``k``; its ``logprobs_mode`` says which distribution.
         prompt_logprobs: like ``logprobs`` for the prompt tokens.
         num_samples: completions per input.
         ignore_eos: keep generating past the end-of-sequence token.
@@ -72,8 +75,8 @@ class SamplingParams(BaseModel):
     @field_validator('max_tokens')
     @classmethod
     def _max_tokens(cls, value: int | None) -> int | None:
-        if value is not None and value < 1:
-            raise ValueError(f'must be >= 1, got {value}')
+        if value is not None and value < 0:
+            raise ValueError(f'must be >= 0 (0 scores the prompt only), got {value}')
         return value
 
     @field_validator('temperature')
@@ -107,8 +110,8 @@ class SamplingParams(BaseModel):
     @field_validator('logprobs', 'prompt_logprobs')
     @classmethod
     def _logprobs(cls, value: int | None) -> int | None:
-        if value is not None and not 0 <= value <= 20:
-            raise ValueError(f'must be None or in [0, 20], got {value}')
+        if value is not None and value < 0:
+            raise ValueError(f'must be None or >= 0, got {value}')
         return value
 
     @field_validator('num_samples')
@@ -129,6 +132,18 @@ class SamplingParams(BaseModel):
         elif value == '':
             raise ValueError('stop string must not be empty')
         return value
+
+    @model_validator(mode='after')
+    def _scoring_needs_prompt_logprobs(self) -> SamplingParams:
+        if self.max_tokens == 0 and self.prompt_logprobs is None:
+            raise ValueError('max_tokens=0 generates nothing: it scores the prompt and needs prompt_logprobs '
+                             '(e.g. prompt_logprobs=0 for the prompt tokens\' own logprobs, k for the top k too)')
+        return self
+
+    @property
+    def scoring(self) -> bool:
+        """``max_tokens=0``: score the prompt, generate nothing."""
+        return self.max_tokens == 0
 
     @property
     def stop_strings(self) -> tuple[str, ...]:

@@ -9,10 +9,19 @@ from twinkle_async.adapters import AdapterSpec
 from twinkle_async.data_format.outputs import LogprobRow, StopReason
 from twinkle_async.weights import NamedTensors
 
-__all__ = ['RequestParams', 'EngineRequest', 'EngineOutput', 'EngineStats', 'Engine', 'PauseMode', 'PAUSE_MODES']
+__all__ = ['RequestParams', 'EngineRequest', 'EngineOutput', 'EngineStats', 'Engine', 'PauseMode', 'PAUSE_MODES',
+           'CacheKind', 'CACHE_KINDS', 'LogprobsMode', 'LOGPROBS_MODES']
 
 PauseMode = Literal['abort', 'keep', 'wait']
 PAUSE_MODES: tuple[str, ...] = ('abort', 'keep', 'wait')
+CacheKind = Literal['prefix', 'mm', 'encoder']
+CACHE_KINDS: tuple[str, ...] = ('prefix', 'mm', 'encoder')
+LogprobsMode = Literal['raw_logprobs', 'processed_logprobs']
+LOGPROBS_MODES: tuple[str, ...] = ('raw_logprobs', 'processed_logprobs')
+"""``engine_args['logprobs_mode']`` on both engines: 'raw_logprobs' (the default, as in vLLM) are the model's own
+log-softmax; 'processed_logprobs' are those of the distribution tokens were drawn from (after the repetition
+penalty, temperature, top-k and top-p, renormalised; greedy requests: after the penalty). Prompt logprobs are
+always raw."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,12 +78,16 @@ class EngineStats:
     ``used_slots``: samples holding KV memory (torch: cache rows; vLLM: its unfinished requests).
     ``kv_usage``: the share of the KV cache held by running samples, 0..1 (vLLM: its block pool as of
     the engine core's last step).
+    ``prefix_cache_queries`` / ``prefix_cache_hits``: prompt tokens looked up in / found in the prefix cache
+    since the engine started (0 for an engine without one).
     """
 
     waiting: int
     running: int
     used_slots: int
     kv_usage: float = 0.0
+    prefix_cache_queries: int = 0
+    prefix_cache_hits: int = 0
 
 
 @runtime_checkable
@@ -83,6 +96,7 @@ class Engine(Protocol):
 
     vocab_size: int
     max_model_len: int
+    max_logprobs: int
     tokenizer: Any
 
     def generate(self, request: EngineRequest) -> AsyncIterator[EngineOutput]:
@@ -123,6 +137,9 @@ class Engine(Protocol):
 
     async def wake_up(self) -> None:
         """Back from ``sleep``; held requests start."""
+
+    async def reset_cache(self, kind: CacheKind) -> None:
+        """Empty the engine's ``kind`` cache; a no-op for a cache the engine does not have."""
 
     async def close(self) -> None:
         """Stop the engine and release its resources; pending requests fail."""

@@ -75,11 +75,14 @@ class SamplerActor:
     async def sleep(self, level: int) -> None:
         await self.sampler.sleep(level)
 
-    async def wake_up(self) -> None:
-        await self.sampler.wake_up()
+    async def wake_up(self, tags: Optional[list[str]]) -> None:
+        await self.sampler.wake_up(tags)
 
-    def set_template(self, template: Any) -> None:
-        self.sampler.set_template(template)
+    async def reset_cache(self, kind: Any) -> None:
+        await self.sampler.reset_cache(kind)
+
+    def set_template(self, template: Any, kwargs: Mapping[str, Any]) -> None:
+        self.sampler.set_template(template, **kwargs)
 
     async def status(self) -> tuple[EngineStats, int, int, list[str]]:
         """The engine's counters, requests served, the weight version and the adapters loaded."""

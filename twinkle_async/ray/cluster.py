@@ -7,32 +7,51 @@ from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
 from twinkle_async.errors import ConfigurationError, NotSupportedError
+from twinkle_async.mesh import DeviceGroup
 
-__all__ = ['ReservedGroup', 'start_ray', 'reserve', 'reserved_group', 'release_all']
+__all__ = ['ReservedGroup', 'start_ray', 'reserve', 'reserved_group', 'release_all', 'bundle_nodes', 'bundle_for',
+           'actor_resources']
 
 DEFAULT_TIMEOUT_S = 30.0
 
 
+def bundle_for(group: DeviceGroup) -> dict[str, float]:
+    """One worker's bundle: ``gpus_per_worker`` GPUs (a 'cuda' group) or CPUs."""
+    return {('GPU' if group.device_type == 'cuda' else 'CPU'): float(group.gpus_per_worker)}
+
+
 @dataclass(frozen=True)
 class ReservedGroup:
-    """A device group held as a Ray placement group: one bundle per rank."""
+    """A device group held as a Ray placement group: one bundle per worker."""
 
-    name: str
-    ranks: int
-    device_type: str
+    group: DeviceGroup
     placement_group: Any
 
     @property
-    def uses_gpus(self) -> bool:
-        return self.device_type in ('cuda', 'gpu')
+    def name(self) -> str:
+        return self.group.name
+
+    @property
+    def workers(self) -> int:
+        return self.group.workers
+
+    @property
+    def devices_per_worker(self) -> int:
+        return self.group.gpus_per_worker
 
     def actor_options(self, bundle: int) -> dict[str, Any]:
-        """Ray options that put an actor in bundle ``bundle`` of this group."""
+        """Ray options that put an actor in bundle ``bundle`` of this group, holding its devices."""
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
         strategy = PlacementGroupSchedulingStrategy(self.placement_group, placement_group_bundle_index=bundle)
-        resources = {'num_gpus': 1, 'num_cpus': 0} if self.uses_gpus else {'num_cpus': 1}
-        return {'scheduling_strategy': strategy, **resources}
+        return {'scheduling_strategy': strategy, **actor_resources(self.group)}
+
+
+def actor_resources(group: DeviceGroup) -> dict[str, float]:
+    """What a replica actor of ``group`` asks Ray for: its worker's devices (a GPU worker needs no CPU bundle)."""
+    if group.device_type == 'cuda':
+        return {'num_gpus': float(group.gpus_per_worker), 'num_cpus': 0}
+    return {'num_cpus': float(group.gpus_per_worker)}
 
 
 _groups: dict[str, ReservedGroup] = {}
@@ -52,7 +71,7 @@ def start_ray(address: Optional[str] = None, **init_kwargs: Any) -> None:
         ray.init(address=address or os.environ.get('RAY_ADDRESS'), include_dashboard=False, **init_kwargs)
 
 
-def reserve(groups: Sequence[Any], timeout_s: float = DEFAULT_TIMEOUT_S) -> list[ReservedGroup]:
+def reserve(groups: Sequence[DeviceGroup], timeout_s: float = DEFAULT_TIMEOUT_S) -> list[ReservedGroup]:
     """Reserve every group (an existing reservation of the same shape is kept).
 
     Raises:
@@ -70,6 +89,18 @@ def reserved_group(name: str) -> ReservedGroup:
     return _groups[name]
 
 
+def bundle_nodes(name: str) -> list[str]:
+    """The node id each worker bundle of group ``name`` was placed on ('-' when not placed)."""
+    from ray.util.placement_group import placement_group_table
+
+    group = _groups.get(name)
+    if group is None:
+        return []
+    table = placement_group_table(group.placement_group)
+    nodes = table.get('bundles_to_node_id', {}) if isinstance(table, dict) else {}
+    return [str(nodes.get(i, '-'))[:12] for i in range(group.workers)]
+
+
 def release_all() -> None:
     """Give every reservation back (``initialize('local')``)."""
     from ray.util.placement_group import remove_placement_group
@@ -79,25 +110,25 @@ def release_all() -> None:
     _groups.clear()
 
 
-def _reserve_one(group: Any, timeout_s: float) -> ReservedGroup:
+def _reserve_one(group: DeviceGroup, timeout_s: float) -> ReservedGroup:
     import ray
     from ray.util.placement_group import placement_group, remove_placement_group
 
     existing = _groups.get(group.name)
     if existing is not None:
-        if (existing.ranks, existing.device_type) == (group.ranks, group.device_type):
+        if existing.group == group:
             return existing
         remove_placement_group(_groups.pop(group.name).placement_group)
-    bundle = {'GPU': 1.0} if group.device_type in ('cuda', 'gpu') else {'CPU': 1.0}
-    reservation = placement_group([dict(bundle) for _ in range(group.ranks)], strategy='PACK',
+    bundle = bundle_for(group)
+    reservation = placement_group([dict(bundle) for _ in range(group.workers)], strategy='PACK',
                                   name=f'twinkle-async-{group.name}')
     if not reservation.wait(timeout_s):
         remove_placement_group(reservation)
         kind = next(iter(bundle))
         raise ConfigurationError(
-            f'device group {group.name!r} needs {group.ranks} x {kind}; the Ray cluster has '
+            f'device group {group.name!r} needs {group.num_ranks} x {kind}; the Ray cluster has '
             f'{ray.cluster_resources().get(kind, 0):g} {kind} in all and '
             f'{ray.available_resources().get(kind, 0):g} free (waited {timeout_s:g} s)')
-    reserved = ReservedGroup(group.name, group.ranks, group.device_type, reservation)
+    reserved = ReservedGroup(group, reservation)
     _groups[group.name] = reserved
     return reserved

@@ -12,15 +12,16 @@ from typing import Any, AsyncIterator, Mapping, Optional, Sequence, Union
 
 from twinkle_async.adapters import AdapterSource, load_adapter
 from twinkle_async.data_format.outputs import TokenDelta
-from twinkle_async.engines.base import PauseMode
+from twinkle_async.engines.base import CacheKind, PauseMode
 from twinkle_async.errors import (ConfigurationError, NotSupportedError, ReplicaDiedError, TwinkleAsyncError,
                                   WeightUpdateError)
 from twinkle_async.mesh import DeviceMesh
-from twinkle_async.models import DEFAULT_MODEL
+from twinkle_async.models import DEFAULT_MODEL, resolve_model
 from twinkle_async.ray.cluster import reserved_group
 from twinkle_async.ray.replicas import Op, ReplicaSet, ReplicaStatus
-from twinkle_async.sampler.async_sampler import AsyncSampler, InputLike, TemplateSpec, check_pause_mode
+from twinkle_async.sampler.async_sampler import AsyncSampler, InputLike, check_pause_mode, streamable
 from twinkle_async.sampler.requests import ParamsLike, as_items, coerce_params
+from twinkle_async.template import Template, TemplateSpec, build_template
 from twinkle_async.weights import NamedTensors, named_tensors, next_version
 
 __all__ = ['RemoteSampler', 'ReplicaStatus']
@@ -31,7 +32,9 @@ class RemoteSampler(AsyncSampler):
 
     Args:
         remote_group: a group reserved with ``initialize('ray', groups=[DeviceGroup(name, ranks, ...)])``;
-            it needs ``dp_size * tp_size`` ranks.
+            each of the ``dp_size`` replicas takes one of its workers (``gpus_per_worker`` devices), so
+            ``tp_size`` is 1 or ``gpus_per_worker`` (vLLM replicas of a multi-device worker are tensor parallel
+            over its devices by default, as in Twinkle).
         retry: resend requests of a replica that died to another one (else they fail with
             :class:`ReplicaDiedError`). Streams are never resent: their first tokens were already yielded.
         coalesce_s: how long a replica gathers stream deltas into one Ray item.
@@ -43,19 +46,21 @@ class RemoteSampler(AsyncSampler):
                  coalesce_s: float = 0.005) -> None:
         super().__init__(model_id, engine, engine_args, template)
         group, mesh = reserved_group(remote_group), device_mesh or DeviceMesh()
-        if mesh.world_size > group.ranks:
-            raise ConfigurationError(f'dp_size={mesh.dp_size} x tp_size={mesh.tp_size} needs {mesh.world_size} '
-                                     f'ranks; group {remote_group!r} has {group.ranks}')
-        if mesh.tp_size > 1:
-            if engine == 'torch':
-                raise NotSupportedError(f'tp_size={mesh.tp_size}: the torch engine has no tensor parallelism')
-            self.engine_args.setdefault('tensor_parallel_size', mesh.tp_size)
+        tp_size = replica_tp_size(mesh, group.workers, group.devices_per_worker, engine, remote_group)
+        if tp_size > 1:
+            self.engine_args.setdefault('tensor_parallel_size', tp_size)
         self.retry, self.coalesce_s = retry, coalesce_s
         self.replicas = ReplicaSet(group, mesh, (model_id, engine, self.engine_args, template))
         self._version = 0
+        self._local_tokenizer: Any = None
 
     async def start(self) -> None:
-        """Start every replica (in parallel) and wait until all serve."""
+        """Start every replica (in parallel) and wait until all serve; load the tokenizer here for ``template``."""
+        if self._local_tokenizer is None:
+            self.model_dir = await asyncio.to_thread(resolve_model, self.model_id)
+            trust = bool(self.engine_args.get('trust_remote_code', False))
+            self._local_tokenizer = await asyncio.to_thread(_load_tokenizer, self.model_dir, trust)
+            self._template = build_template(self._template_spec or 'default', self._local_tokenizer)
         await self.replicas.start()
 
     async def close(self) -> None:
@@ -66,13 +71,23 @@ class RemoteSampler(AsyncSampler):
     def engine(self) -> Any:
         raise NotSupportedError('a remote sampler has no local engine: see replica_status()')
 
+    @property
+    def template(self) -> Template:
+        """A local copy of the replicas' template (``.tokenizer``, ``.encode``, ``.decode``)."""
+        if self._template is None:
+            raise ConfigurationError('the sampler is not started: use "async with" or await start()')
+        return self._template
+
     def set_template(self, template: TemplateSpec, **kwargs: Any) -> None:
-        """Use another chat template on every replica (taking effect before later requests)."""
-        if kwargs:
-            raise NotSupportedError('template keyword arguments are not sent to remote replicas')
-        self._template_spec = template
+        """See :meth:`AsyncSampler.set_template`: checked and built here, then sent to every replica (and to
+        restarted ones), taking effect before later requests."""
+        model_id = kwargs.pop('model_id', None)
+        self._check_template_model(model_id)
+        self._template = build_template(template, self.template.tokenizer, **kwargs)
+        op = Op('set_template', (template, kwargs))
+        self.replicas.record(op)
         for actor in self.replicas.actors:
-            actor.set_template.remote(template)
+            getattr(actor, op.method).remote(*op.args)
 
     async def replica_status(self) -> list[ReplicaStatus]:
         """What every live replica reports (dead ones are being restarted and left out)."""
@@ -80,14 +95,16 @@ class RemoteSampler(AsyncSampler):
 
     # -- sampling --
     async def sample(self, inputs: Union[InputLike, Sequence[InputLike]], sampling_params: ParamsLike = None,
-                     adapter_name: str = '', *, num_samples: Optional[int] = None, return_exceptions: bool = False,
-                     session_id: Optional[str] = None, timeout: Optional[float] = None) -> Any:
+                     adapter_name: str = '', adapter_path: Optional[str] = None, *, num_samples: Optional[int] = None,
+                     return_exceptions: bool = False, session_id: Optional[str] = None,
+                     timeout: Optional[float] = None) -> Any:
         """See :meth:`AsyncSampler.sample`; a list is spread over the replicas, ``session_id`` pins one.
 
         Raises:
             ReplicaDiedError: the replica serving an item died (and ``retry`` is off).
         """
         params = coerce_params(sampling_params, num_samples)
+        adapter_name = await self._adapter_for(adapter_name, adapter_path)
         self._check_adapter(adapter_name)
         items, one = as_items(inputs)
         results = await self._sample_items(items, params, adapter_name, session_id, timeout)
@@ -96,9 +113,9 @@ class RemoteSampler(AsyncSampler):
                 raise result
         return results[0] if one else results
 
-    async def stream(self, inputs: InputLike, sampling_params: ParamsLike = None, adapter_name: str = '', *,
-                     num_samples: Optional[int] = None, session_id: Optional[str] = None,
-                     timeout: Optional[float] = None) -> AsyncIterator[TokenDelta]:
+    async def stream(self, inputs: InputLike, sampling_params: ParamsLike = None, adapter_name: str = '',
+                     adapter_path: Optional[str] = None, *, num_samples: Optional[int] = None,
+                     session_id: Optional[str] = None, timeout: Optional[float] = None) -> AsyncIterator[TokenDelta]:
         """See :meth:`AsyncSampler.stream`: deltas travel through a Ray streaming generator.
 
         Leaving the loop cancels the remote generator, which aborts the request in the replica's engine.
@@ -106,7 +123,8 @@ class RemoteSampler(AsyncSampler):
         import ray
         from ray.exceptions import RayActorError
 
-        params = coerce_params(sampling_params, num_samples)
+        params = streamable(coerce_params(sampling_params, num_samples))
+        adapter_name = await self._adapter_for(adapter_name, adapter_path)
         self._check_adapter(adapter_name)
         index = await self.replicas.route(params.num_samples, session_id)
         generator = self.replicas.actors[index].stream.options(num_returns='streaming').remote(
@@ -172,8 +190,12 @@ class RemoteSampler(AsyncSampler):
     async def sleep(self, level: int = 1) -> None:
         await self.replicas.broadcast(Op('sleep', (level,)))
 
-    async def wake_up(self) -> None:
-        await self.replicas.broadcast(Op('wake_up', ()))
+    async def wake_up(self, tags: Optional[Sequence[str]] = None) -> None:
+        await self.replicas.broadcast(Op('wake_up', (list(tags) if tags else None,)))
+
+    async def reset_cache(self, kind: CacheKind) -> None:
+        """See :meth:`AsyncSampler.reset_cache`: on every replica."""
+        await self.replicas.broadcast(Op('reset_cache', (kind,)))
 
     # -- internals --
     async def _apply(self, op: Op) -> None:
@@ -207,6 +229,30 @@ class RemoteSampler(AsyncSampler):
             self.replicas.router.done(index, params.num_samples * len(positions))
         for position, result in zip(positions, chunk):
             results[position] = result
+
+
+def replica_tp_size(mesh: DeviceMesh, workers: int, devices: int, engine: str, group: str) -> int:
+    """Tensor-parallel size of each replica: ``mesh.tp_size``, or all of a multi-device worker's devices (vLLM).
+
+    Raises:
+        ConfigurationError: more replicas than the group has workers, or a ``tp_size`` other than 1 or the
+            worker's device count. NotSupportedError: tensor parallelism on the torch engine.
+    """
+    if mesh.dp_size > workers:
+        raise ConfigurationError(f'dp_size={mesh.dp_size} replicas need {mesh.dp_size} workers; group {group!r} has '
+                                 f'{workers} (ranks / gpus_per_worker)')
+    if mesh.tp_size not in (1, devices):
+        raise ConfigurationError(f'tp_size={mesh.tp_size}: a replica runs on one worker of group {group!r}, which has '
+                                 f'{devices} device(s): set DeviceGroup(gpus_per_worker={mesh.tp_size})')
+    tp_size = mesh.tp_size if mesh.tp_size > 1 or engine == 'torch' else devices
+    if tp_size > 1 and engine == 'torch':
+        raise NotSupportedError(f'tp_size={tp_size}: the torch engine has no tensor parallelism')
+    return tp_size
+
+
+def _load_tokenizer(model_dir: Any, trust_remote_code: bool) -> Any:
+    from transformers import AutoTokenizer
+    return AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
 
 
 def _materialize(weights: NamedTensors) -> dict[str, Any]:

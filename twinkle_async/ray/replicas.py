@@ -44,7 +44,7 @@ class Op:
 
 
 class ReplicaSet:
-    """``mesh.dp_size`` :class:`SamplerActor` replicas in ``group``, replica ``i`` in bundle ``i * tp_size``."""
+    """``mesh.dp_size`` :class:`SamplerActor` replicas in ``group``, replica ``i`` in worker bundle ``i``."""
 
     def __init__(self, group: ReservedGroup, mesh: DeviceMesh, actor_args: tuple[Any, ...]) -> None:
         self.group, self.mesh, self.actor_args = group, mesh, actor_args
@@ -68,7 +68,9 @@ class ReplicaSet:
 
     def record(self, op: Op) -> None:
         """Keep ``op`` for replay, dropping what it makes moot (an adapter's older state, covered updates)."""
-        if op.method in ('add_adapter', 'remove_adapter'):
+        if op.method == 'set_template':
+            self.log = [o for o in self.log if o.method != op.method]
+        elif op.method in ('add_adapter', 'remove_adapter'):
             self.log = [o for o in self.log if o.adapter != op.adapter]
             if op.method == 'remove_adapter':
                 return
@@ -130,7 +132,7 @@ class ReplicaSet:
     async def _launch(self, index: int) -> Any:
         import ray
 
-        options = self.group.actor_options(index * self.mesh.tp_size)
+        options = self.group.actor_options(index)
         actor = ray.remote(SamplerActor).options(**options).remote(*self.actor_args)
         await _unwrapped(actor.start.remote())
         for op in self.log:

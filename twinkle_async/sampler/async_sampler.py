@@ -5,25 +5,28 @@ from __future__ import annotations
 import asyncio
 import uuid
 from pathlib import Path
-from typing import Any, AsyncIterator, Mapping, Optional, Sequence, Type, Union
+from typing import Any, AsyncIterator, Mapping, Optional, Sequence, Union
 
 from twinkle_async.adapters import AdapterSource, load_adapter
 from twinkle_async.data_format.outputs import SampleResponse, TokenDelta
-from twinkle_async.engines.base import PAUSE_MODES, Engine, EngineRequest, PauseMode
+from twinkle_async.engines.base import CACHE_KINDS, PAUSE_MODES, CacheKind, Engine, EngineRequest, PauseMode
 from twinkle_async.engines.factory import ENGINE_KINDS, create_engine
-from twinkle_async.errors import AdapterNotFoundError, ConfigurationError, InvalidRequestError, TwinkleAsyncError
-from twinkle_async.mesh import DeviceMesh, check_local_mesh
+from twinkle_async.errors import (AdapterNotFoundError, ConfigurationError, InvalidRequestError,
+                                  InvalidSamplingParamsError, TwinkleAsyncError)
+from twinkle_async.infra import check_local_mesh
+from twinkle_async.mesh import DeviceMesh
 from twinkle_async.models import DEFAULT_MODEL, resolve_model
+from twinkle_async.sampler.adapter_paths import AdapterPaths
 from twinkle_async.sampler.admission import Admission
-from twinkle_async.sampler.requests import ParamsLike, as_items, coerce_params, prompt_token_ids, resolve_params
-from twinkle_async.sampler.responses import ResponseBuilder, to_delta
-from twinkle_async.template import Template, build_template
+from twinkle_async.sampler.requests import ParamsLike, as_items, coerce_params, encode_input, resolve_params
+from twinkle_async.sampler.responses import ResponseBuilder, empty_response, to_delta
+from twinkle_async.template import Template, TemplateSpec, build_template
 from twinkle_async.weights import NamedTensors, next_version
 
-__all__ = ['AsyncSampler', 'check_pause_mode']
+__all__ = ['AsyncSampler', 'check_pause_mode', 'streamable', 'WAKE_UP_TAGS']
 
 InputLike = Mapping[str, Any]
-TemplateSpec = Union[str, Template, Type[Template]]
+WAKE_UP_TAGS = ('weights', 'kv_cache')
 
 
 class AsyncSampler:
@@ -65,6 +68,7 @@ class AsyncSampler:
         self._engine: Optional[Engine] = None
         self._template: Optional[Template] = None
         self._model_lock = asyncio.Lock()  # adapter and weight changes happen one at a time
+        self._adapter_paths = AdapterPaths()
         self.model_dir: Optional[Path] = None
 
     async def __aenter__(self) -> AsyncSampler:
@@ -100,28 +104,54 @@ class AsyncSampler:
 
     @property
     def template(self) -> Template:
+        """The template in use: ``.tokenizer``, ``.encode(trajectory)``, ``.decode(ids)``."""
         self.engine  # noqa: B018 - raises when not started
         assert self._template is not None
         return self._template
 
     def set_template(self, template: TemplateSpec, **kwargs: Any) -> None:
-        """Use another chat template: a registered name ('chatml', 'default'), a class or an instance.
-
-        Raises:
-            TemplateNotFoundError: an unknown name.
-        """
-        self._template = build_template(template, self.engine.tokenizer, **kwargs)
-
-    async def sample(self, inputs: Union[InputLike, Sequence[InputLike]], sampling_params: ParamsLike = None,
-                     adapter_name: str = '', *, num_samples: Optional[int] = None,
-                     return_exceptions: bool = False, session_id: Optional[str] = None,
-                     timeout: Optional[float] = None) -> Any:
-        """Sample completions for one input (-> ``SampleResponse``) or a list (-> list, in order).
+        """Use another chat template, in Twinkle's form: ``set_template('Template', model_id=..., enable_thinking=False,
+        max_length=..., truncation_strategy=..., default_system=..., use_chat_template=...)``.
 
         Args:
-            inputs: a ``Trajectory`` (``messages``) or an ``InputFeature`` (``input_ids``), or a list.
+            template: a registered name ('Template', 'default', 'chatml', Twinkle's family names such as
+                'Qwen3_5Template' — all but 'chatml' use the model's own chat template), a class or an instance.
+            kwargs: the template's arguments (see :class:`~twinkle_async.template.Template`); other keywords are
+                chat-template variables. ``model_id``, if given, must name this sampler's model.
+
+        Raises:
+            TemplateNotFoundError: an unknown name (the known ones are listed).
+            ConfigurationError: ``model_id`` names another model, or an invalid template argument.
+        """
+        self._check_template_model(kwargs.pop('model_id', None))
+        self._template = build_template(template, self.engine.tokenizer, **kwargs)
+
+    def _check_template_model(self, model_id: Optional[str]) -> None:
+        if model_id is None or model_id == self.model_id:
+            return
+        if resolve_model(model_id) != resolve_model(self.model_id):
+            raise ConfigurationError(f'set_template(model_id={model_id!r}): this sampler serves {self.model_id!r}; '
+                                     "a template must tokenize for the sampler's own model")
+
+    async def sample(self, inputs: Union[InputLike, Sequence[InputLike]], sampling_params: ParamsLike = None,
+                     adapter_name: str = '', adapter_path: Optional[str] = None, *,
+                     num_samples: Optional[int] = None, return_exceptions: bool = False,
+                     session_id: Optional[str] = None, timeout: Optional[float] = None) -> Any:
+        """Sample completions for one input (-> ``SampleResponse``) or a list (-> list, in order).
+
+        Each sequence's ``new_input_feature`` is the template's ``concat_input_feature`` of the input: every key of
+        the input, ``input_ids`` = prompt + completion, Twinkle's ``labels`` / ``attention_mask`` /
+        ``position_ids`` / ``length``, and with ``messages`` an appended assistant message (with parsed
+        ``tool_calls``). ``max_tokens=0`` scores the prompt: ``prompt_logprobs`` / ``topk_prompt_logprobs`` and
+        empty sequences. The inputs are never modified.
+
+        Args:
+            inputs: a ``Trajectory`` (``messages``) or an ``InputFeature`` (``input_ids`` and any other keys), or a
+                list.
             sampling_params: ``SamplingParams``, a dict of its fields, or ``None`` for defaults.
             adapter_name: LoRA adapter to sample with ('' for the base model).
+            adapter_path: a PEFT adapter directory to sample with: loaded once (under ``adapter_name``, or a name
+                derived from the path) and reloaded when its files change.
             num_samples: completions per input (overrides ``sampling_params.num_samples``).
             return_exceptions: for a list, put a failed item's error in its place instead of raising;
                 the other items always run to completion.
@@ -137,6 +167,7 @@ class AsyncSampler:
         """
         params = coerce_params(sampling_params, num_samples)
         items, one = as_items(inputs)
+        adapter_name = await self._adapter_for(adapter_name, adapter_path)
         if one:
             return await self._sample_one(items[0], params, adapter_name, timeout)
         results = await asyncio.gather(*(self._sample_one(item, params, adapter_name, timeout) for item in items),
@@ -146,19 +177,23 @@ class AsyncSampler:
                 raise result
         return results
 
-    async def stream(self, inputs: InputLike, sampling_params: ParamsLike = None, adapter_name: str = '', *,
-                     num_samples: Optional[int] = None, session_id: Optional[str] = None,
-                     timeout: Optional[float] = None) -> AsyncIterator[TokenDelta]:
-        """Yield ``TokenDelta``s of every sample as they are generated.
+    async def stream(self, inputs: InputLike, sampling_params: ParamsLike = None, adapter_name: str = '',
+                     adapter_path: Optional[str] = None, *, num_samples: Optional[int] = None,
+                     session_id: Optional[str] = None, timeout: Optional[float] = None) -> AsyncIterator[TokenDelta]:
+        """Yield ``TokenDelta``s of every sample as they are generated (``adapter_path`` as in :meth:`sample`).
 
         Leaving the loop early (``break``, cancellation, ``aclose()``) aborts the request in the engine.
         Past ``timeout`` seconds the request is aborted: unfinished samples end with finish_reason 'abort'.
 
         Raises:
-            InvalidRequestError: a bad input or parameter. OverloadedError: too many requests in flight.
-            EngineDeadError: the engine died.
+            InvalidRequestError: a bad input or parameter (``max_tokens=0`` scores, it has nothing to stream).
+            OverloadedError: too many requests in flight. EngineDeadError: the engine died.
         """
-        request = self._request(inputs, coerce_params(sampling_params, num_samples), adapter_name)
+        params = streamable(coerce_params(sampling_params, num_samples))
+        adapter_name = await self._adapter_for(adapter_name, adapter_path)
+        _, request = self._request(inputs, params, adapter_name)
+        if request is None:  # the template's truncation_strategy='delete' dropped the prompt
+            return
         with self.admission.admit(self.engine, request, timeout):
             generator = self.engine.generate(request)
             try:
@@ -261,9 +296,39 @@ class AsyncSampler:
         """
         await self.engine.sleep(level)
 
-    async def wake_up(self) -> None:
-        """Serve again after :meth:`sleep`."""
+    async def wake_up(self, tags: Optional[Sequence[str]] = None) -> None:
+        """Serve again after :meth:`sleep`. ``tags`` (Twinkle's, a subset of 'weights', 'kv_cache') are checked;
+        the engine wakes up whole."""
+        unknown = sorted(set(tags or ()) - set(WAKE_UP_TAGS))
+        if unknown:
+            raise InvalidRequestError(f'wake_up tags must be among {WAKE_UP_TAGS}, got {unknown}')
         await self.engine.wake_up()
+
+    async def reset_cache(self, kind: CacheKind) -> None:
+        """Empty one of the engine's caches: 'prefix' (cached KV of earlier prompts), 'mm' (processed multimodal
+        inputs) or 'encoder' (vision encoder outputs). A no-op where the engine has no such cache (the torch
+        engine has none of them yet)."""
+        if kind not in CACHE_KINDS:
+            raise InvalidRequestError(f'cache kind must be one of {CACHE_KINDS}, got {kind!r}')
+        await self.engine.reset_cache(kind)
+
+    async def reset_prefix_cache(self) -> None:
+        """Twinkle's name: ``reset_cache('prefix')`` (e.g. after a weight sync)."""
+        await self.reset_cache('prefix')
+
+    async def reset_mm_cache(self) -> None:
+        """Twinkle's name: ``reset_cache('mm')``."""
+        await self.reset_cache('mm')
+
+    async def reset_encoder_cache(self) -> None:
+        """Twinkle's name: ``reset_cache('encoder')``."""
+        await self.reset_cache('encoder')
+
+    async def _adapter_for(self, adapter_name: str, adapter_path: Optional[str]) -> str:
+        """The adapter a call samples with; ``adapter_path`` is loaded (or reloaded) first."""
+        if adapter_path is None:
+            return adapter_name
+        return await self._adapter_paths.ensure(adapter_path, adapter_name, self.list_adapters, self.add_adapter)
 
     async def _abort_requests_using(self, adapter: str) -> None:
         for request_id in self.admission.using(adapter):
@@ -276,8 +341,10 @@ class AsyncSampler:
 
     async def _sample_one(self, item: InputLike, params: Any, adapter_name: str,
                           timeout: Optional[float]) -> SampleResponse:
-        request = self._request(item, params, adapter_name)
-        builder = ResponseBuilder(request.prompt_token_ids, params.num_samples, params.logprobs is not None)
+        feature, request = self._request(item, params, adapter_name)
+        if request is None:
+            return empty_response()
+        builder = ResponseBuilder(request.prompt_token_ids, request.params.num_samples, params.logprobs is not None)
         with self.admission.admit(self.engine, request, timeout):
             generator = self.engine.generate(request)
             try:
@@ -285,14 +352,32 @@ class AsyncSampler:
                     builder.add(output)
             finally:
                 await generator.aclose()
-        return builder.build()
+        if params.scoring:
+            return builder.scored(params.num_samples, feature)
+        template = self.template
+        return builder.build(lambda tokens: template.concat_input_feature(feature, tokens))
 
-    def _request(self, item: InputLike, params: Any, adapter_name: str) -> EngineRequest:
+    def _request(self, item: InputLike, params: Any, adapter_name: str) -> tuple[Any, Optional[EngineRequest]]:
+        """The input's prompt feature and the engine request for it (``None`` when the template dropped it)."""
         engine = self.engine
         self._check_adapter(adapter_name)
-        prompt = prompt_token_ids(item, self.template, engine.vocab_size)
-        resolved = resolve_params(params, len(prompt), engine.max_model_len, engine.vocab_size)
-        return EngineRequest(uuid.uuid4().hex, prompt, resolved, adapter_name or None)
+        feature, prompt = encode_input(item, self.template, engine.vocab_size, params.scoring)
+        if feature is None:
+            return None, None
+        resolved = resolve_params(params, len(prompt), engine.max_model_len, engine.vocab_size, engine.max_logprobs)
+        return feature, EngineRequest(uuid.uuid4().hex, prompt, resolved, adapter_name or None)
+
+
+def streamable(params: Any) -> Any:
+    """``params`` unless it asks for scoring (``max_tokens=0``), which yields no tokens to stream.
+
+    Raises:
+        InvalidSamplingParamsError: ``max_tokens=0``.
+    """
+    if params.scoring:
+        raise InvalidSamplingParamsError('max_tokens=0 scores the prompt and generates nothing to stream: '
+                                         'use sample()')
+    return params
 
 
 def check_pause_mode(mode: object) -> None:

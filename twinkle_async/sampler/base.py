@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Any, Iterator, Mapping, Sequence, Type, Union
+from typing import Any, Iterator, Mapping, Optional, Sequence, Type, Union
 
 from twinkle_async.data_format.outputs import SampleResponse, TokenDelta
 from twinkle_async.sampler.requests import ParamsLike
@@ -18,13 +18,15 @@ class Sampler(ABC):
     """The blocking sampler ModelScope Twinkle documents; ``TorchSampler`` and ``vLLMSampler`` implement it."""
 
     @abstractmethod
-    def sample(self, inputs: Inputs, sampling_params: ParamsLike = None, adapter_name: str = '', *,
-               num_samples: int = 1) -> Union[SampleResponse, list[SampleResponse]]:
-        """Sample ``num_samples`` completions per input; one input -> one response, a list -> a list."""
+    def sample(self, inputs: Inputs, sampling_params: ParamsLike = None, adapter_name: str = '',
+               adapter_path: Optional[str] = None, *,
+               num_samples: Optional[int] = None) -> Union[SampleResponse, list[SampleResponse]]:
+        """Sample completions per input (``num_samples``, else ``sampling_params.num_samples``); one input -> one
+        response, a list -> a list."""
 
     @abstractmethod
-    def stream(self, inputs: Mapping[str, Any], sampling_params: ParamsLike = None, adapter_name: str = '', *,
-               num_samples: int = 1) -> Iterator[TokenDelta]:
+    def stream(self, inputs: Mapping[str, Any], sampling_params: ParamsLike = None, adapter_name: str = '',
+               adapter_path: Optional[str] = None, *, num_samples: Optional[int] = None) -> Iterator[TokenDelta]:
         """Yield deltas as they are generated; closing the iterator aborts the request."""
 
     @abstractmethod

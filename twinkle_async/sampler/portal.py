@@ -6,6 +6,8 @@ import asyncio
 import threading
 from typing import Any, AsyncIterator, Awaitable, Callable, Iterator, TypeVar
 
+from twinkle_async.errors import EngineDeadError
+
 __all__ = ['Portal']
 
 T = TypeVar('T')
@@ -24,9 +26,15 @@ class Portal:
         return self._loop
 
     def call(self, fn: Callable[..., Awaitable[T]], *args: Any, **kwargs: Any) -> T:
-        """Run ``await fn(*args, **kwargs)`` on the portal's loop and return its result."""
+        """Run ``await fn(*args, **kwargs)`` on the portal's loop and return its result.
+
+        Raises:
+            EngineDeadError: the portal was stopped (the sampler was closed).
+        """
         if threading.current_thread() is self._thread:
             raise RuntimeError('Portal.call from the portal thread would deadlock')
+        if self._loop.is_closed():
+            raise EngineDeadError('the sampler was closed')
         future = asyncio.run_coroutine_threadsafe(_invoke(fn, args, kwargs), self._loop)
         try:
             return future.result()

@@ -1,4 +1,4 @@
-"""Pure request building: inputs -> prompt token ids, SamplingParams -> RequestParams (validated)."""
+"""Pure request building: inputs -> prompt features and token ids, SamplingParams -> RequestParams (validated)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,9 @@ from twinkle_async.data_format.sampling_params import SamplingParams
 from twinkle_async.engines.base import RequestParams
 from twinkle_async.errors import InvalidInputError, InvalidSamplingParamsError, PromptTooLongError
 from twinkle_async.template import Template
+from twinkle_async.template.features import as_id_list, unrolled_labels
 
-__all__ = ['coerce_params', 'as_items', 'prompt_token_ids', 'resolve_params']
+__all__ = ['coerce_params', 'as_items', 'encode_input', 'resolve_params']
 
 ParamsLike = Union[SamplingParams, Mapping[str, Any], None]
 
@@ -46,40 +47,54 @@ def as_items(inputs: Any) -> tuple[list[Any], bool]:
                             f'got {type(inputs).__name__}')
 
 
-def prompt_token_ids(item: Any, template: Template, vocab_size: int) -> list[int]:
-    """Token ids for one input: an ``InputFeature`` (has ``input_ids``) or a ``Trajectory``.
+def encode_input(item: Any, template: Template, vocab_size: int,
+                 scoring: bool = False) -> tuple[Optional[Mapping[str, Any]], list[int]]:
+    """The prompt feature and its token ids for one input: an ``InputFeature`` (has ``input_ids``; its other keys
+    are carried) or a ``Trajectory``, encoded by ``template`` (with the generation prompt unless ``scoring``).
+    The feature is ``None`` (and the ids empty) when the template's ``truncation_strategy='delete'`` dropped it.
 
     Raises:
-        InvalidInputError: empty or malformed ids, ids outside the vocabulary, malformed trajectory.
+        InvalidInputError: empty or malformed ids, ids outside the vocabulary, labels that do not match the ids,
+            a malformed trajectory, or a prompt over the template's ``max_length`` (``'raise'``).
     """
     if not isinstance(item, Mapping):
         raise InvalidInputError(f'an input must be an InputFeature or a Trajectory dict, got {type(item).__name__}')
-    if 'input_ids' in item:
-        ids = _as_id_list(item['input_ids'])
-    else:
-        ids = list(template.encode(dict(item))['input_ids'])
+    feature = item if 'input_ids' in item else template.encode(dict(item), add_generation_prompt=not scoring)
+    if feature is None:
+        return None, []
+    ids = as_id_list(feature['input_ids'])
     if not ids:
         raise InvalidInputError('input_ids is empty: a prompt needs at least one token')
     bad = [t for t in ids if not 0 <= t < vocab_size]
     if bad:
         raise InvalidInputError(f'input_ids has token ids outside the vocabulary [0, {vocab_size}): {bad[:5]}')
-    return ids
+    unrolled_labels(feature, len(ids))
+    return feature, ids
 
 
-def resolve_params(params: SamplingParams, prompt_len: int, max_model_len: int,
-                   vocab_size: int) -> RequestParams:
-    """Engine-ready parameters for a prompt of ``prompt_len`` tokens.
+def resolve_params(params: SamplingParams, prompt_len: int, max_model_len: int, vocab_size: int,
+                   max_logprobs: int = 20) -> RequestParams:
+    """Engine-ready parameters for a prompt of ``prompt_len`` tokens (for scoring, ``max_tokens=0``: one
+    greedy token, dropped from the response).
 
     Raises:
         PromptTooLongError: no room for one generated token within ``max_model_len``.
-        InvalidSamplingParamsError: stop token ids outside the vocabulary.
+        InvalidSamplingParamsError: stop token ids outside the vocabulary, or more logprobs than the engine's
+            ``max_logprobs``.
     """
     if prompt_len >= max_model_len:
         raise PromptTooLongError(f'prompt has {prompt_len} tokens; max_model_len={max_model_len} leaves no room '
                                  'to generate (shorten the prompt or raise max_model_len)')
+    for field in ('logprobs', 'prompt_logprobs'):
+        k = getattr(params, field)
+        if k is not None and k > max_logprobs:
+            raise InvalidSamplingParamsError(f'{field}={k} is over the engine\'s max_logprobs={max_logprobs} '
+                                             "(raise it with engine_args={'max_logprobs': ...})")
     bad_stops = [t for t in params.stop_token_ids if t >= vocab_size]
     if bad_stops:
         raise InvalidSamplingParamsError(f'stop: token ids outside the vocabulary [0, {vocab_size}): {bad_stops}')
+    if params.scoring:  # one throw-away greedy token: engines compute prompt logprobs as part of a generation
+        return RequestParams(max_tokens=1, temperature=0.0, prompt_logprobs=params.prompt_logprobs)
     room = max_model_len - prompt_len
     return RequestParams(
         max_tokens=min(params.max_tokens or room, room), temperature=params.temperature, top_k=params.top_k,
@@ -87,15 +102,3 @@ def resolve_params(params: SamplingParams, prompt_len: int, max_model_len: int,
         stop_strings=params.stop_strings, stop_token_ids=params.stop_token_ids,
         include_stop_str_in_output=params.include_stop_str_in_output, ignore_eos=params.ignore_eos,
         logprobs=params.logprobs, prompt_logprobs=params.prompt_logprobs, num_samples=params.num_samples)
-
-
-def _as_id_list(value: Any) -> list[int]:
-    if hasattr(value, 'tolist'):
-        value = value.tolist()
-    if isinstance(value, list) and len(value) == 1 and isinstance(value[0], list):
-        value = value[0]
-    if not isinstance(value, (list, tuple)):
-        raise InvalidInputError(f'input_ids must be a list of ints, got {type(value).__name__}')
-    if not all(isinstance(t, int) and not isinstance(t, bool) for t in value):
-        raise InvalidInputError('input_ids must contain only ints')
-    return list(value)

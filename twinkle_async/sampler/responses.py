@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Callable, Mapping, Optional
 
-from twinkle_async.data_format.inputs import InputFeature
 from twinkle_async.data_format.outputs import LogprobRow, SampledSequence, SampleResponse, TokenDelta
 from twinkle_async.engines.base import EngineOutput
+from twinkle_async.template.features import plain_copy
 
-__all__ = ['ResponseBuilder', 'to_delta']
+__all__ = ['ResponseBuilder', 'Continuation', 'to_delta', 'empty_response']
+
+Continuation = Callable[[list[int]], Any]
+"""Completion tokens -> that sample's ``new_input_feature`` (the template's ``concat_input_feature``)."""
 
 
 def to_delta(output: EngineOutput) -> TokenDelta:
@@ -41,8 +44,8 @@ class ResponseBuilder:
         if output.prompt_logprobs is not None:
             self.prompt_logprobs = output.prompt_logprobs
 
-    def build(self) -> SampleResponse:
-        sequences = [self._sequence(i) for i in range(len(self.tokens))]
+    def build(self, continuation: Continuation) -> SampleResponse:
+        sequences = [self._sequence(i, continuation) for i in range(len(self.tokens))]
         prompt_lps = topk = None
         if self.prompt_logprobs is not None:
             prompt_lps = [None if row is None else row[0][1] for row in self.prompt_logprobs]
@@ -50,10 +53,24 @@ class ResponseBuilder:
         return SampleResponse.model_construct(sequences=sequences, prompt_token_ids=self.prompt_token_ids,
                                               prompt_logprobs=prompt_lps, topk_prompt_logprobs=topk)
 
-    def _sequence(self, i: int) -> SampledSequence:
+    def scored(self, num_samples: int, feature: Mapping[str, Any]) -> SampleResponse:
+        """The response of a scoring request (``max_tokens=0``): the prompt logprobs and ``num_samples`` empty
+        sequences whose ``new_input_feature`` is a plain copy of the prompt's feature."""
+        response = self.build(lambda tokens: None)
+        sequences = [SampledSequence.model_construct(
+            stop_reason='length', tokens=[], logprobs=None, decoded='', new_input_feature=plain_copy(feature),
+            weight_versions=[]) for _ in range(num_samples)]
+        return response.model_copy(update={'sequences': sequences})
+
+    def _sequence(self, i: int, continuation: Continuation) -> SampledSequence:
         tokens = self.tokens[i]
-        feature = InputFeature(input_ids=self.prompt_token_ids + tokens)
         return SampledSequence.model_construct(
             stop_reason=self.finish[i] or 'abort', tokens=tokens,
             logprobs=None if self.logprobs is None else self.logprobs[i], decoded=''.join(self.texts[i]),
-            new_input_feature=feature, weight_versions=self.versions[i])
+            new_input_feature=continuation(tokens), weight_versions=self.versions[i])
+
+
+def empty_response() -> SampleResponse:
+    """The response of a prompt the template's ``truncation_strategy='delete'`` dropped: no sequences."""
+    return SampleResponse.model_construct(sequences=[], prompt_token_ids=None, prompt_logprobs=None,
+                                          topk_prompt_logprobs=None)

@@ -9,7 +9,8 @@ from twinkle_async.adapters import AdapterSource
 from twinkle_async.data_format.outputs import SampleResponse, TokenDelta
 from twinkle_async.engines.base import PauseMode
 from twinkle_async.errors import NotSupportedError
-from twinkle_async.mesh import DeviceMesh, check_local_mesh
+from twinkle_async.infra import check_local_mesh
+from twinkle_async.mesh import DeviceMesh
 from twinkle_async.models import DEFAULT_MODEL
 from twinkle_async.sampler.async_sampler import AsyncSampler
 from twinkle_async.sampler.base import Inputs, Sampler
@@ -50,23 +51,39 @@ class BlockingSampler(Sampler):
     def _engine_args(self, engine_args: Optional[Mapping[str, Any]], kwargs: dict[str, Any]) -> dict[str, Any]:
         return {**(engine_args or {}), **kwargs}
 
-    def sample(self, inputs: Inputs, sampling_params: ParamsLike = None, adapter_name: str = '', *,
-               num_samples: int = 1, return_exceptions: bool = False, session_id: Optional[str] = None,
+    def sample(self, inputs: Inputs, sampling_params: ParamsLike = None, adapter_name: str = '',
+               adapter_path: Optional[str] = None, *, num_samples: Optional[int] = None,
+               return_exceptions: bool = False, session_id: Optional[str] = None,
                timeout: Optional[float] = None) -> Union[SampleResponse, list[SampleResponse]]:
-        """See :meth:`AsyncSampler.sample`."""
-        return self._portal.call(self.async_sampler.sample, inputs, sampling_params, adapter_name,
+        """See :meth:`AsyncSampler.sample`; ``num_samples`` overrides ``sampling_params.num_samples`` only when
+        given."""
+        return self._portal.call(self.async_sampler.sample, inputs, sampling_params, adapter_name, adapter_path,
                                  num_samples=num_samples, return_exceptions=return_exceptions, session_id=session_id,
                                  timeout=timeout)
 
-    def stream(self, inputs: Mapping[str, Any], sampling_params: ParamsLike = None, adapter_name: str = '', *,
-               num_samples: int = 1, session_id: Optional[str] = None,
-               timeout: Optional[float] = None) -> Iterator[TokenDelta]:
+    def stream(self, inputs: Mapping[str, Any], sampling_params: ParamsLike = None, adapter_name: str = '',
+               adapter_path: Optional[str] = None, *, num_samples: Optional[int] = None,
+               session_id: Optional[str] = None, timeout: Optional[float] = None) -> Iterator[TokenDelta]:
         """See :meth:`AsyncSampler.stream`."""
-        agen = self.async_sampler.stream(inputs, sampling_params, adapter_name, num_samples=num_samples,
-                                         session_id=session_id, timeout=timeout)
+        agen = self.async_sampler.stream(inputs, sampling_params, adapter_name, adapter_path,
+                                         num_samples=num_samples, session_id=session_id, timeout=timeout)
         return self._portal.iterate(agen)
 
+    def sample_stream(self, inputs: Mapping[str, Any], sampling_params: ParamsLike = None, adapter_name: str = '',
+                      adapter_path: Optional[str] = None) -> Iterator[tuple[str, Optional[str]]]:
+        """Twinkle's stream: ``(delta_text, finish_reason)`` pairs, ``finish_reason`` set on the last one.
+        (With ``num_samples > 1`` the samples' pairs interleave: use :meth:`stream` to tell them apart.)"""
+        for delta in self.stream(inputs, sampling_params, adapter_name, adapter_path):
+            yield delta.text, delta.finish_reason
+
+    @property
+    def template(self) -> Template:
+        """The template in use (``.tokenizer``, ``.encode``, ``.decode``)."""
+        return self.async_sampler.template
+
     def set_template(self, template_cls: Union[str, Template, Type[Template]], **kwargs: Any) -> None:
+        """See :meth:`AsyncSampler.set_template` (Twinkle's arguments: ``model_id``, ``enable_thinking``,
+        ``max_length``, ``truncation_strategy``, ``default_system``, ``use_chat_template``, ...)."""
         self.async_sampler.set_template(template_cls, **kwargs)
 
     def add_adapter_to_model(self, adapter_name: str, config_or_dir: AdapterSource,
@@ -99,11 +116,26 @@ class BlockingSampler(Sampler):
     def sleep(self, level: int = 1) -> None:
         self._portal.call(self.async_sampler.sleep, level)
 
-    def wake_up(self) -> None:
-        self._portal.call(self.async_sampler.wake_up)
+    def wake_up(self, tags: Optional[list[str]] = None) -> None:
+        self._portal.call(self.async_sampler.wake_up, tags)
+
+    def reset_prefix_cache(self) -> None:
+        """See :meth:`AsyncSampler.reset_cache`."""
+        self._portal.call(self.async_sampler.reset_prefix_cache)
+
+    def reset_mm_cache(self) -> None:
+        self._portal.call(self.async_sampler.reset_mm_cache)
+
+    def reset_encoder_cache(self) -> None:
+        self._portal.call(self.async_sampler.reset_encoder_cache)
 
     def close(self) -> None:
+        """Stop the engine (idempotent)."""
         self._finalizer()
+
+    def shutdown(self) -> None:
+        """Twinkle's name for :meth:`close`."""
+        self.close()
 
     def __enter__(self) -> BlockingSampler:
         return self
@@ -113,7 +145,7 @@ class BlockingSampler(Sampler):
 
 
 class TorchSampler(BlockingSampler):
-    """Blocking sampler on the native PyTorch engine (no tensor parallelism)."""
+    """Blocking sampler on the native PyTorch engine (no tensor parallelism); ``torch_dtype=`` is ``dtype=``."""
 
     engine_kind = 'torch'
 

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any, Literal, Mapping, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError
 
+from twinkle_async.engines.base import LogprobsMode
 from twinkle_async.errors import EngineArgsError
 
 __all__ = ['TorchEngineArgs', 'parse_engine_args']
+
+logger = logging.getLogger(__name__)
 
 
 class TorchEngineArgs(BaseModel):
@@ -17,11 +21,15 @@ class TorchEngineArgs(BaseModel):
     ``dtype``, ``max_model_len``, ``max_num_seqs`` and ``seed`` mean the same as on the vLLM engine.
     ``max_num_seqs`` counts samples (KV slots), ``max_num_batched_tokens`` bounds one prefill,
     ``kv_cache_memory_bytes`` bounds the slot KV cache (``max_num_seqs * max_model_len`` tokens).
+    ``logprobs_mode`` and ``max_logprobs`` mean what they mean in vLLM (see ``engines.base.LOGPROBS_MODES``);
+    ``torch_dtype`` is another name for ``dtype``. ``gpu_memory_utilization`` (vLLM's, passed by Twinkle scripts) is
+    accepted and ignored: ``kv_cache_memory_bytes`` sizes this engine's cache.
     """
 
     model_config = ConfigDict(extra='forbid', frozen=True)
 
-    dtype: Literal['float32', 'bfloat16', 'float16', 'auto'] = 'float32'
+    dtype: Literal['float32', 'bfloat16', 'float16', 'auto'] = Field(
+        default='float32', validation_alias=AliasChoices('dtype', 'torch_dtype'))
     max_model_len: Optional[int] = Field(default=None, ge=2)
     max_num_seqs: int = Field(default=64, ge=1)
     max_num_batched_tokens: int = Field(default=4096, ge=1)
@@ -31,6 +39,9 @@ class TorchEngineArgs(BaseModel):
     trust_remote_code: bool = False
     attn_implementation: Literal['twinkle', 'sdpa', 'eager'] = 'twinkle'
     num_threads: Optional[int] = Field(default=None, ge=1)
+    logprobs_mode: LogprobsMode = 'raw_logprobs'
+    max_logprobs: int = Field(default=20, ge=0)
+    gpu_memory_utilization: Optional[float] = Field(default=None, gt=0, le=1)
 
 
 def parse_engine_args(engine_args: Optional[Mapping[str, Any]]) -> TorchEngineArgs:
@@ -39,8 +50,11 @@ def parse_engine_args(engine_args: Optional[Mapping[str, Any]]) -> TorchEngineAr
     Raises:
         EngineArgsError: an unknown key or a bad value, named in the message.
     """
+    user = dict(engine_args or {})
+    if 'dtype' in user and 'torch_dtype' in user:
+        raise EngineArgsError('engine_args: give dtype or torch_dtype (the same option), not both')
     try:
-        return TorchEngineArgs(**dict(engine_args or {}))
+        args = TorchEngineArgs(**user)
     except ValidationError as exc:
         problems = []
         for error in exc.errors():
@@ -49,3 +63,7 @@ def parse_engine_args(engine_args: Optional[Mapping[str, Any]]) -> TorchEngineAr
                 else error['msg']
             problems.append(f'{key}: {reason} (got {error.get("input")!r})')
         raise EngineArgsError('invalid engine_args: ' + '; '.join(problems)) from None
+    if args.gpu_memory_utilization is not None:
+        logger.warning('torch engine: gpu_memory_utilization=%s ignored (kv_cache_memory_bytes=%d sizes the KV cache)',
+                       args.gpu_memory_utilization, args.kv_cache_memory_bytes)
+    return args

@@ -38,6 +38,7 @@ class CoreConfig:
     max_num_batched_tokens: int
     seed: int
     eos_token_ids: frozenset[int]
+    processed_logprobs: bool = False
 
 
 class EngineCore:
@@ -61,6 +62,7 @@ class EngineCore:
         self.lora = LoraAdapters(model)
         self.runner = ModelRunner(self.lora, self.cache, self.table, device)
         self.processor = OutputProcessor(config.eos_token_ids, config.max_model_len)
+        self.processed_logprobs = config.processed_logprobs
         self.weight_version = 0
         self.pause_mode: Optional[PauseMode] = None
         self.held: dict[str, Request] = {}
@@ -177,7 +179,7 @@ class EngineCore:
             self.runner.recompute(list(group))
 
     def _sample(self, logits: torch.Tensor, samples: list[Sample], rows: slice) -> list[EngineOutput]:
-        flags = _flags(samples)
+        flags = _flags(samples, self.processed_logprobs)
         batch = sample_tokens(logits, self.table, rows, flags)
         self.table.advance(rows, batch.tokens, track_seen=flags.any_penalty)
         return self.processor.process(samples, batch, self.weight_version)
@@ -254,14 +256,14 @@ class EngineCore:
             self._emit(outputs)
 
 
-def _flags(samples: list[Sample]) -> BatchFlags:
+def _flags(samples: list[Sample], processed_logprobs: bool) -> BatchFlags:
     params = [s.params for s in samples]
     wanted = [p.logprobs for p in params if p.logprobs is not None]
     return BatchFlags(
         any_penalty=any(p.repetition_penalty != 1.0 for p in params),
         all_greedy=all(p.temperature == 0 for p in params),
         any_top_k_top_p=any(p.top_k > 0 or p.top_p < 1.0 for p in params),
-        max_logprobs=max(wanted, default=-1))
+        max_logprobs=max(wanted, default=-1), processed_logprobs=processed_logprobs)
 
 
 def _head_dim(config: Any) -> int:

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any, AsyncIterator, Callable, Mapping, Optional, TypeVar
 
 from twinkle_async.adapters import AdapterSpec, check_fits
-from twinkle_async.engines.base import EngineOutput, EngineRequest, EngineStats, PauseMode
+from twinkle_async.engines.base import CacheKind, EngineOutput, EngineRequest, EngineStats, PauseMode
 from twinkle_async.engines.collector import RequestCollector
 from twinkle_async.engines.torch.args import TorchEngineArgs, parse_engine_args
 from twinkle_async.engines.torch.core import CoreConfig, EngineCore
@@ -40,11 +40,12 @@ class TorchEngine:
         self.tokenizer = tokenizer
         self.vocab_size = model.config.get_text_config().vocab_size
         self.max_model_len = max_model_len
+        self.max_logprobs = args.max_logprobs
         self._loop = asyncio.get_running_loop()
         self._collectors: dict[str, RequestCollector] = {}
         self._dead: Optional[BaseException] = None
         config = CoreConfig(args.max_num_seqs, max_model_len, args.max_num_batched_tokens, args.seed,
-                            _eos_token_ids(model, tokenizer))
+                            _eos_token_ids(model, tokenizer), args.logprobs_mode == 'processed_logprobs')
         self.core = EngineCore(model, tokenizer, config, self._emit_threadsafe, self._fail_threadsafe)
         self.weights = WeightStore(model)
         self._weight_version = 0
@@ -165,6 +166,10 @@ class TorchEngine:
             self.weights.check_complete()
         self._sleep_level = 0
         await self.resume()
+
+    async def reset_cache(self, kind: CacheKind) -> None:
+        """A no-op: this engine keeps no prefix, multimodal or encoder cache (each sample's KV slot is its own)."""
+        self._check_alive()
 
     async def close(self) -> None:
         """Stop the thread; requests still open fail with :class:`EngineDeadError`."""

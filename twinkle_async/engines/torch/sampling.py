@@ -20,6 +20,7 @@ class BatchFlags:
     all_greedy: bool
     any_top_k_top_p: bool
     max_logprobs: int  # -1: nobody wants logprobs
+    processed_logprobs: bool = False  # logprobs of the distribution sampled from, not the model's raw ones
 
 
 @dataclass(slots=True)
@@ -31,19 +32,35 @@ class SampledBatch:
 
 
 def sample_tokens(logits: torch.Tensor, table: SlotTable, rows: slice, flags: BatchFlags) -> SampledBatch:
-    """Pick one token per row of ``logits`` ([B, V], rows ``rows`` of the slot table)."""
+    """Pick one token per row of ``logits`` ([B, V], rows ``rows`` of the slot table).
+
+    Logprobs (when asked for) are the model's raw log-softmax, or with ``flags.processed_logprobs`` those of the
+    distribution each row sampled from: after the penalty, temperature and top-k/top-p, renormalised (greedy
+    rows: after the penalty), as vLLM's ``processed_logprobs``.
+    """
     logits = logits.float()
-    raw_logprobs = torch.log_softmax(logits, dim=-1) if flags.max_logprobs >= 0 else None
+    want_logprobs = flags.max_logprobs >= 0
+    logprobs = torch.log_softmax(logits, dim=-1) if want_logprobs and not flags.processed_logprobs else None
     if flags.any_penalty:
         logits = _apply_repetition_penalty(logits, table.seen[rows], table.penalty[rows])
     tokens = logits.argmax(dim=-1)
+    scaled = None
     if not flags.all_greedy:
         scaled = logits / table.temperature[rows].unsqueeze(1)
         if flags.any_top_k_top_p:
             scaled = _apply_top_k_top_p(scaled, table.top_k[rows], table.top_p[rows])
         sampled = _exponential_race(scaled.softmax(dim=-1), table, rows)
         tokens = torch.where(table.greedy[rows], tokens, sampled)
-    return _with_logprobs(tokens, raw_logprobs, flags.max_logprobs)
+    if want_logprobs and flags.processed_logprobs:
+        logprobs = _processed_logprobs(logits, scaled, table.greedy[rows])
+    return _with_logprobs(tokens, logprobs, flags.max_logprobs)
+
+
+def _processed_logprobs(logits: torch.Tensor, scaled: Optional[torch.Tensor], greedy: torch.Tensor) -> torch.Tensor:
+    penalized = torch.log_softmax(logits, dim=-1)
+    if scaled is None:
+        return penalized
+    return torch.where(greedy.unsqueeze(1), penalized, torch.log_softmax(scaled, dim=-1))
 
 
 def _apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: torch.Tensor) -> torch.Tensor:

@@ -9,7 +9,7 @@ from typing import Any, Mapping, Optional
 
 from twinkle_async.errors import EngineArgsError
 
-__all__ = ['build_engine_args', 'cpu_environment', 'CPU_DEFAULTS', 'CPU_ENVIRONMENT']
+__all__ = ['build_engine_args', 'cpu_environment', 'CPU_DEFAULTS', 'CPU_ENVIRONMENT', 'GPU_ONLY_ARGS']
 
 logger = logging.getLogger(__name__)
 
@@ -27,6 +27,9 @@ _DEFAULTS: dict[str, Any] = {
     'worker_extension_cls': 'twinkle_async.engines.vllm.worker_extension.TwinkleWorkerExtension',
 }
 
+
+GPU_ONLY_ARGS = ('gpu_memory_utilization',)
+"""Accepted everywhere (Twinkle scripts pass them) and dropped, with a warning, on CPU."""
 
 CPU_ENVIRONMENT: dict[str, str] = {
     # oneDNN caches a primitive per matmul shape (1,024 by default): on vLLM-CPU every new batch size is a new
@@ -75,6 +78,10 @@ def build_engine_args(model_dir: str, engine_args: Optional[Mapping[str, Any]], 
         raise EngineArgsError(f'unknown engine_args key(s) for the vllm engine: {unknown}')
     if 'model' in user:
         raise EngineArgsError('engine_args: pass the model as model_id, not engine_args["model"]')
+    if on_cpu:
+        ignored = {key: user.pop(key) for key in GPU_ONLY_ARGS if key in user}
+        if ignored:
+            logger.warning('vllm engine on CPU: ignoring GPU-only engine_args %s', ignored)
     merged = {**_DEFAULTS, **(CPU_DEFAULTS if on_cpu else {}), **user}
     if on_cpu:
         logger.warning('vllm engine on CPU: %s', {k: merged[k] for k in CPU_DEFAULTS})

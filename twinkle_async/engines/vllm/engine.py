@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, AsyncIterator, Awaitable, Iterator, Mapping, Optional, TypeVar
 
 from twinkle_async.adapters import AdapterSpec, check_fits
-from twinkle_async.engines.base import EngineOutput, EngineRequest, EngineStats, PauseMode
+from twinkle_async.engines.base import CacheKind, EngineOutput, EngineRequest, EngineStats, PauseMode
 from twinkle_async.engines.vllm.args import build_engine_args, cpu_environment
 from twinkle_async.engines.vllm.lora import LoraRegistry
 from twinkle_async.engines.vllm.outputs import to_engine_outputs, to_vllm_params
@@ -38,6 +38,7 @@ class VLLMEngine:
         self.max_model_len = model_config.max_model_len
         self.vocab_size = model_config.get_vocab_size()
         self.max_num_seqs = llm.vllm_config.scheduler_config.max_num_seqs
+        self.max_logprobs = model_config.max_logprobs
         self.labels = VersionLabels(llm.output_processor)
         self.loras = LoraRegistry(llm)
         self.weight_sync = WeightSync(llm, model_dir)
@@ -87,6 +88,7 @@ class VLLMEngine:
             InvalidRequestError: vLLM rejected the request.
         """
         from vllm import TokensPrompt
+        from vllm.exceptions import VLLMClientError
 
         self._check_alive()
         if request.params.num_samples > self.max_num_seqs:
@@ -95,7 +97,7 @@ class VLLMEngine:
         copies = request.params.num_samples if request.params.temperature == 0 else 1
         try:
             vllm_params = to_vllm_params(request.params, n=request.params.num_samples // copies)
-        except ValueError as exc:
+        except (ValueError, VLLMClientError) as exc:  # vLLM's own checks, e.g. temperature in [0, 2]
             raise InvalidRequestError(f'vllm rejected the sampling parameters: {exc}') from exc
         lora_request = self.loras.request_for(request.adapter_name)
         queue = await self._add(request, TokensPrompt(prompt_token_ids=request.prompt_token_ids), vllm_params,
@@ -135,8 +137,10 @@ class VLLMEngine:
     async def stats(self) -> EngineStats:
         """vLLM's own count of unfinished requests (the output processor's) and its scheduler's KV usage."""
         self._check_alive()
-        unfinished = self.llm.get_num_unfinished_requests()
-        return EngineStats(waiting=0, running=unfinished, used_slots=unfinished, kv_usage=self.scheduler.kv_usage)
+        unfinished, snapshot = self.llm.get_num_unfinished_requests(), self.scheduler
+        return EngineStats(waiting=0, running=unfinished, used_slots=unfinished, kv_usage=snapshot.kv_usage,
+                           prefix_cache_queries=snapshot.prefix_cache_queries,
+                           prefix_cache_hits=snapshot.prefix_cache_hits)
 
     @property
     def weight_version(self) -> int:
@@ -194,6 +198,22 @@ class VLLMEngine:
     async def wake_up(self) -> None:
         raise NotSupportedError(_NO_SLEEP)
 
+    async def reset_cache(self, kind: CacheKind) -> None:
+        """vLLM's ``reset_prefix_cache`` / ``reset_mm_cache`` / ``reset_encoder_cache``. Requests running during a
+        prefix-cache reset are preempted and recomputed, so the reset always happens.
+
+        Raises:
+            EngineError: vLLM reported that it could not reset the prefix cache.
+        """
+        self._check_alive()
+        if kind == 'prefix':
+            if await self._unless_dead(self.llm.reset_prefix_cache(reset_running_requests=True)) is False:
+                raise EngineError('vllm did not reset its prefix cache')
+        elif kind == 'mm':
+            await self._unless_dead(self.llm.reset_mm_cache())
+        else:
+            await self._unless_dead(self.llm.reset_encoder_cache())
+
     async def close(self) -> None:
         """Shut vLLM down (its engine core process included)."""
         if not self._closed:
@@ -244,6 +264,7 @@ class VLLMEngine:
             raise EngineDeadError(f'the vllm engine is dead: {self.llm.dead_error!r}')
 
     def _translate(self, exc: Exception) -> Exception:
+        from vllm.exceptions import VLLMClientError
         from vllm.v1.engine.exceptions import EngineDeadError as VLLMDead
         from vllm.v1.engine.exceptions import EngineGenerateError
 
@@ -251,7 +272,7 @@ class VLLMEngine:
             return EngineDeadError(f'the vllm engine died: {exc!r}')
         if isinstance(exc, EngineGenerateError):
             return EngineError(f'vllm failed this request: {exc!r}')
-        if isinstance(exc, ValueError):
+        if isinstance(exc, (ValueError, VLLMClientError)):
             return InvalidRequestError(f'vllm rejected the request: {exc}')
         return exc
 

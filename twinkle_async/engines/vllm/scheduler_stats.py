@@ -14,11 +14,13 @@ __all__ = ['SchedulerSnapshot', 'snapshot_logger_factory']
 
 @dataclass
 class SchedulerSnapshot:
-    """The last step's scheduler counters (all zero before the first step)."""
+    """The last step's scheduler counters (all zero before the first step); prefix-cache counts are totals."""
 
     running: int = 0
     waiting: int = 0
     kv_usage: float = 0.0
+    prefix_cache_queries: int = 0  # prompt tokens looked up since start (summed over steps)
+    prefix_cache_hits: int = 0
 
 
 def snapshot_logger_factory(snapshot: SchedulerSnapshot) -> Any:
@@ -35,6 +37,9 @@ def snapshot_logger_factory(snapshot: SchedulerSnapshot) -> Any:
                 snapshot.running = scheduler_stats.num_running_reqs
                 snapshot.waiting = scheduler_stats.num_waiting_reqs
                 snapshot.kv_usage = scheduler_stats.kv_cache_usage
+                prefix = scheduler_stats.prefix_cache_stats
+                snapshot.prefix_cache_queries += prefix.queries
+                snapshot.prefix_cache_hits += prefix.hits
 
         def log_engine_initialized(self) -> None:
             pass
