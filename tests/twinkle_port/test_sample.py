@@ -44,6 +44,17 @@ def run_cookbook(sampler, lora_path) -> list:
     return texts
 
 
+def test_template_arguments_reach_every_replica(setup):
+    _, sampler = setup
+    sampler.set_template('Qwen3_5Template', model_id=MODEL_ID, default_system='You are a pirate.', max_length=64,
+                         truncation_strategy='delete')
+    short, long = sampler.sample([build_prompts()[2], {'messages': [{'role': 'user', 'content': 'arr ' * 100}]}],
+                                 SamplingParams(max_tokens=1))
+    assert sampler.template.decode(short.prompt_token_ids).startswith('system\nYou are a pirate.')
+    assert long.sequences == [], "truncation_strategy='delete' dropped it"
+    sampler.set_template('Qwen3_5Template', model_id=MODEL_ID)
+
+
 def test_cookbook_sample_with_adapter_path(setup, lora_path, default_model_dir):
     name, sampler = setup
     texts = run_cookbook(sampler, lora_path)
