@@ -23,9 +23,10 @@ from typing import Optional
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_vllm_overhead import measure, model_dir_for, sampler_sample, sampler_stream  # noqa: E402
-from common import format_table, machine_info, write_json  # noqa: E402
 
 import twinkle_async as ta  # noqa: E402
+
+from common import format_table, machine_info, write_json  # noqa: E402
 
 
 async def run_all(model_dir: Path, workload, args: argparse.Namespace) -> dict:

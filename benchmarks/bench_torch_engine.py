@@ -42,12 +42,24 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import (Stopwatch, SystemResult, Workload, best_of, build_chat_workload, build_tiny_llama,
-                    count_mismatches, format_table, iter_batches, machine_info, timed, wait_for_quiet_cpu,
-                    write_json)
-
 import twinkle_async
 from twinkle_async.engines.torch import TorchEngineArgs
+
+from common import (
+    Stopwatch,
+    SystemResult,
+    Workload,
+    best_of,
+    build_chat_workload,
+    build_tiny_llama,
+    count_mismatches,
+    format_table,
+    iter_batches,
+    machine_info,
+    timed,
+    wait_for_quiet_cpu,
+    write_json,
+)
 
 DTYPES = {'float32': torch.float32, 'bfloat16': torch.bfloat16}
 STATIC_BATCH = 8

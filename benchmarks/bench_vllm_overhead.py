@@ -22,10 +22,18 @@ from typing import Any, Awaitable, Callable, Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import (SystemResult, Workload, build_chat_workload, build_tiny_llama, format_table,  # noqa: E402
-                    machine_info, timed, write_json)
-
 import twinkle_async as ta  # noqa: E402
+
+from common import (  # noqa: E402
+    SystemResult,
+    Workload,
+    build_chat_workload,
+    build_tiny_llama,
+    format_table,
+    machine_info,
+    timed,
+    write_json,
+)
 
 Runner = Callable[[Workload], Awaitable[list[list[int]]]]
 
@@ -42,8 +50,8 @@ async def raw_vllm(llm: Any, workload: Workload) -> list[list[int]]:
         params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True,
                                 output_kind=RequestOutputKind.FINAL_ONLY)
         final = None
-        async for final in llm.generate(TokensPrompt(prompt_token_ids=prompt), params, uuid.uuid4().hex):
-            pass
+        async for output in llm.generate(TokensPrompt(prompt_token_ids=prompt), params, uuid.uuid4().hex):
+            final = output
         return list(final.outputs[0].token_ids)
 
     return await asyncio.gather(*(one(p, m) for p, m in zip(workload.prompts, workload.max_tokens)))

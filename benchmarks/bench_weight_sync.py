@@ -22,11 +22,11 @@ from typing import Any, Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import format_table, machine_info, tree_rss_mib, write_json  # noqa: E402
-
 import torch  # noqa: E402
 
 import twinkle_async as ta  # noqa: E402
+
+from common import format_table, machine_info, tree_rss_mib, write_json  # noqa: E402
 
 LORA_TARGETS = ['q_proj', 'k_proj', 'v_proj', 'o_proj', 'gate_proj', 'up_proj', 'down_proj']
 

@@ -33,7 +33,7 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Optional
 
@@ -251,7 +251,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     started = time.perf_counter()
     data: dict[str, Any] = {
         'run': {'size': args.size, 'engines': args.engines, 'argv': sys.argv[1:],
-                'started': datetime.now(timezone.utc).isoformat(timespec='seconds'),
+                'started': datetime.now(UTC).isoformat(timespec='seconds'),
                 'cpu_pressure_before': cpu_pressure(), 'load_average_before': os.getloadavg()},
         'machine': machine(), 'benchmarks': {}}
     for name in args.only or BENCHMARKS:

@@ -20,9 +20,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / 'tests'))
-from tiny_model import build_tiny_model  # noqa: E402
-
 import twinkle_async as ta  # noqa: E402
+
+from tiny_model import build_tiny_model  # noqa: E402
 
 SMOLLM2_SHAPE = dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
                      num_key_value_heads=3, head_dim=64, max_position_embeddings=2048)

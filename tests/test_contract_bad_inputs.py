@@ -6,11 +6,18 @@ import asyncio
 
 import pytest
 
-from conftest import chat, within
 from twinkle_async import AsyncSampler, SamplingParams
-from twinkle_async.errors import (AdapterNotFoundError, InvalidInputError, InvalidSamplingParamsError,
-                                  ModelNotFoundError, PromptTooLongError, TemplateNotFoundError, TwinkleAsyncError)
+from twinkle_async.errors import (
+    AdapterNotFoundError,
+    InvalidInputError,
+    InvalidSamplingParamsError,
+    ModelNotFoundError,
+    PromptTooLongError,
+    TemplateNotFoundError,
+    TwinkleAsyncError,
+)
 
+from conftest import chat, within
 
 BAD_REQUESTS = [
     ('empty input_ids', {'input_ids': []}, None, InvalidInputError, 'empty'),
@@ -34,7 +41,7 @@ BAD_REQUESTS = [
 async def test_each_bad_input_fails_alone_while_16_good_requests_finish(sampler):
     good = [asyncio.create_task(sampler.sample(chat(f'good {i}'), {'max_tokens': 24, 'ignore_eos': True, 'seed': i}))
             for i in range(16)]
-    for name, item, params, error, words in BAD_REQUESTS:
+    for _name, item, params, error, words in BAD_REQUESTS:
         with pytest.raises(error, match=words):
             await within(sampler.sample(item, params))
     with pytest.raises(TemplateNotFoundError, match='no-such-template'):

@@ -24,7 +24,7 @@ async def consume(sampler, how: str, after: int, max_tokens: int) -> int:
 async def test_200_streams_cancelled_at_random_points_free_every_slot(sampler):
     rng = random.Random(0)
     tasks = []
-    for i in range(200):
+    for _ in range(200):
         how = rng.choice(['break', 'aclose', 'cancel'])
         tasks.append((how, asyncio.create_task(consume(sampler, how, rng.randint(1, 40), rng.randint(1, 48)))))
     for how, task in tasks:

@@ -7,8 +7,9 @@ import asyncio
 import pytest
 import torch
 
-from conftest import chat, hf_greedy, within
 from twinkle_async import SamplingParams
+
+from conftest import chat, hf_greedy, within
 
 PROMPTS = ['def main():\n    ', 'import os\nimport sys\n', 'class Foo(object):', 'return self._',
            '# Copyright', 'for i in range(10):\n', 'x = {', 'raise ValueError(']

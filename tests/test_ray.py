@@ -8,9 +8,10 @@ import time
 
 import pytest
 
-from conftest import ENGINES, chat, hf_greedy, load_hf, within
 from twinkle_async import DeviceGroup, DeviceMesh, SamplingParams, TorchSampler, initialize, vLLMSampler
 from twinkle_async.errors import ConfigurationError, ReplicaDiedError
+
+from conftest import ENGINES, chat, hf_greedy, load_hf, within
 
 pytestmark = pytest.mark.slow
 

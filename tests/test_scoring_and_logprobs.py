@@ -8,9 +8,10 @@ import pytest
 import pytest_asyncio
 import torch
 
-from conftest import TINY_ENGINE_ARGS, chat, within
 from twinkle_async import AsyncSampler, SamplingParams
 from twinkle_async.errors import InvalidRequestError, InvalidSamplingParamsError
+
+from conftest import TINY_ENGINE_ARGS, chat, within
 
 TOLERANCE = {'torch': 1e-5, 'vllm': 1e-4}  # float32: the torch engine runs HF's own modules, vLLM its kernels
 
@@ -139,8 +140,8 @@ async def test_raw_logprobs_stay_the_default(sampler, hf_tiny):
     prompt = sampler.template.encode(chat('import os\nimport'))['input_ids']
     sequence = (await within(sampler.sample({'input_ids': prompt}, PROCESSED))).sequences[0]
     raw = full_forward_logprobs(model, prompt + sequence.tokens)[len(prompt) - 1:-1]
-    assert max(abs(row[0][1] - raw[j, t].item()) for j, (t, row) in enumerate(zip(sequence.tokens, sequence.logprobs))) \
-        < TOLERANCE[engine_of(sampler)]
+    rows = zip(sequence.tokens, sequence.logprobs)
+    assert max(abs(row[0][1] - raw[j, t].item()) for j, (t, row) in enumerate(rows)) < TOLERANCE[engine_of(sampler)]
 
 
 async def stats_after(sampler, queries: int):

@@ -7,9 +7,10 @@ import asyncio
 import pytest
 from safetensors.torch import load_file
 
-from conftest import TINY_ENGINE_ARGS, within
 from twinkle_async import AsyncSampler
 from twinkle_async.errors import ConfigurationError, NotSupportedError
+
+from conftest import TINY_ENGINE_ARGS, within
 
 PROMPT = {'input_ids': [5, 6, 7, 8]}
 GREEDY = {'max_tokens': 12, 'temperature': 0, 'ignore_eos': True}

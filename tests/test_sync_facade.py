@@ -5,10 +5,11 @@ from __future__ import annotations
 import pytest
 from safetensors.torch import load_file
 
-from conftest import chat, hf_greedy, load_hf
 from twinkle_async import DeviceMesh, SamplingParams, TorchSampler, vLLMSampler
 from twinkle_async.data_format import SampleResponse
 from twinkle_async.errors import ConfigurationError, NotSupportedError, TemplateNotFoundError
+
+from conftest import chat, hf_greedy, load_hf
 
 
 @pytest.fixture(scope='module')

@@ -10,8 +10,7 @@ import numpy as np
 import pytest
 from transformers import AutoTokenizer
 
-from twinkle_async.errors import (ConfigurationError, InvalidInputError, PromptTooLongError,
-                                  TemplateNotFoundError)
+from twinkle_async.errors import ConfigurationError, InvalidInputError, PromptTooLongError, TemplateNotFoundError
 from twinkle_async.template import TEMPLATES, HermesParser, Qwen3_5Template, Template, build_template
 
 # A chat template that renders everything Hugging Face's tool-calling convention hands it, so a test can see

@@ -9,9 +9,10 @@ import shutil
 import numpy as np
 import pytest
 
-from conftest import chat, hf_greedy, load_hf, within
-from twinkle_async import AsyncSampler, SamplingParams, TorchSampler
+from twinkle_async import SamplingParams, TorchSampler
 from twinkle_async.errors import EngineDeadError, InvalidAdapterError, InvalidRequestError
+
+from conftest import chat, hf_greedy, load_hf, within
 
 
 @pytest.fixture(scope='module')
@@ -90,7 +91,8 @@ async def test_inputs_are_never_modified_and_new_input_feature_carries_every_key
     template = sampler.template
     encoded = template.encode({'messages': [{'role': 'user', 'content': 'def g():'}]})
     feature = {**encoded, 'input_ids': np.array(encoded['input_ids']), 'labels': np.array(encoded['labels']),
-               'user_data': [('task', '"g"')], 'completion_mask': np.zeros(len(encoded['input_ids'])), 'extra': {'k': [1]}}
+               'user_data': [('task', '"g"')], 'completion_mask': np.zeros(len(encoded['input_ids'])),
+               'extra': {'k': [1]}}
     trajectory = {'messages': [{'role': 'system', 'content': 'Be short.'}, {'role': 'user', 'content': 'hello'}],
                   'tools': [{'type': 'function', 'function': {'name': 'f', 'parameters': {'type': 'object'}}}]}
     inputs = [feature, trajectory]

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import chat, within
 from twinkle_async import AsyncSampler
 from twinkle_async.errors import EngineArgsError
+
+from conftest import chat, within
 
 
 async def test_unknown_engine_arg_is_named(tiny_model_dir):

@@ -5,8 +5,15 @@
 """
 
 from twinkle_async import errors
-from twinkle_async.data_format import (InputFeature, Message, SampledSequence, SampleResponse, SamplingParams,
-                                       TokenDelta, Trajectory)
+from twinkle_async.data_format import (
+                                       InputFeature,
+                                       Message,
+                                       SampledSequence,
+                                       SampleResponse,
+                                       SamplingParams,
+                                       TokenDelta,
+                                       Trajectory,
+)
 from twinkle_async.infra import get_device_placement, get_logger, initialize
 from twinkle_async.mesh import DeviceGroup, DeviceMesh
 from twinkle_async.models import DEFAULT_MODEL, resolve_model

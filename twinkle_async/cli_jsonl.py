@@ -19,7 +19,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, AsyncIterator, Iterator, Optional, TextIO, Union
+from typing import Any, AsyncGenerator, Iterator, Optional, TextIO, Union
 
 from tqdm import tqdm
 
@@ -157,7 +157,7 @@ class _FileRun:
         self.params = params
         self.concurrency = concurrency
 
-    async def outcomes(self, lines: list[InputLine]) -> AsyncIterator[tuple[int, Outcome]]:
+    async def outcomes(self, lines: list[InputLine]) -> AsyncGenerator[tuple[int, Outcome], None]:
         """Yield ``(index, outcome)`` as lines finish; closing early cancels those in flight."""
         todo = iter(enumerate(lines))
         running: set[asyncio.Task[tuple[int, Outcome]]] = set()
@@ -179,6 +179,7 @@ class _FileRun:
         if line.error is not None:
             return index, line.error
         try:
+            assert line.sampler_input is not None  # a line without an error has an input
             return index, await self.sampler.sample(line.sampler_input, self.params)
         except InvalidRequestError as exc:  # a bad input fails its line; engine failures end the run
             return index, f'line {line.lineno}: {exc}'

@@ -136,7 +136,7 @@ def _dequantize_into(gguf_dir: Path, staging: Path) -> None:
     model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=_GGUF_FILE)
     if hasattr(model.config, 'quantization_config'):  # the weights are dequantized already
         del model.config.quantization_config
-    model.hf_quantizer = None
+    setattr(model, 'hf_quantizer', None)  # noqa: B010 - transformers types it as a module attribute
     model.save_pretrained(staging, safe_serialization=True)
     tokenizer.save_pretrained(staging)
 

@@ -11,11 +11,21 @@ import asyncio
 import pytest
 import torch
 
-from conftest import chat, within
 from twinkle_async import AsyncSampler
-from twinkle_async.errors import (AdapterNotFoundError, EngineArgsError, InvalidAdapterError, InvalidInputError,
-                                  InvalidRequestError, InvalidSamplingParamsError, ModelNotFoundError,
-                                  PromptTooLongError, TwinkleAsyncError, WeightUpdateError)
+from twinkle_async.errors import (
+    AdapterNotFoundError,
+    EngineArgsError,
+    InvalidAdapterError,
+    InvalidInputError,
+    InvalidRequestError,
+    InvalidSamplingParamsError,
+    ModelNotFoundError,
+    PromptTooLongError,
+    TwinkleAsyncError,
+    WeightUpdateError,
+)
+
+from conftest import chat, within
 
 USER = {'role': 'user', 'content': 'x'}
 REQUESTS = [  # (input, sampling params, error, words in the message)

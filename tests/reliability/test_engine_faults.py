@@ -22,11 +22,12 @@ import psutil
 import pytest
 from safetensors.torch import load_file
 
-from conftest import TINY_ENGINE_ARGS, chat, child_pids, start_long_stream, within
-from tiny_model import build_tiny_lora
 from twinkle_async import AsyncSampler
 from twinkle_async.engines.torch.engine import THREAD_NAME
 from twinkle_async.errors import EngineDeadError
+
+from conftest import TINY_ENGINE_ARGS, chat, child_pids, start_long_stream, within
+from tiny_model import build_tiny_lora
 
 FAULT_ARGS = {'max_model_len': 256, 'max_num_seqs': 4}  # 4 running, the rest queued
 LONG = {'max_tokens': 200, 'ignore_eos': True}  # never finishes before the fault: the engine is frozen first

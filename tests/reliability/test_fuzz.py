@@ -6,10 +6,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import ENGINES
 from twinkle_async import TorchSampler, vLLMSampler
 from twinkle_async.data_format import SampleResponse
 from twinkle_async.errors import TwinkleAsyncError
+
+from conftest import ENGINES
 
 pytestmark = pytest.mark.slow
 

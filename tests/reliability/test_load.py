@@ -18,8 +18,9 @@ import pytest_asyncio
 from conftest import ENGINES, start_long_stream, within
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / 'benchmarks'))
-from loadgen import leaks, run_cancel_storm, run_load  # noqa: E402
 from soak import OPERATIONS, Soak  # noqa: E402
+
+from loadgen import leaks, run_cancel_storm, run_load  # noqa: E402
 
 pytestmark = pytest.mark.slow
 

@@ -27,13 +27,14 @@ from typing import Any, Callable
 
 import pytest
 
-from conftest import ENGINES, TINY_ENGINE_ARGS, chat, child_pids, within
 from twinkle_async import AsyncSampler, models
 from twinkle_async.cli import main
 from twinkle_async.engines.torch.args import TorchEngineArgs
 from twinkle_async.engines.torch.engine import THREAD_NAME
 from twinkle_async.errors import ConfigurationError, InvalidAdapterError, ModelNotFoundError
 from twinkle_async.models import DEFAULT_MODEL, require_safetensors, resolve_model
+
+from conftest import ENGINES, TINY_ENGINE_ARGS, chat, child_pids, within
 
 GREEDY = {'max_tokens': 6, 'temperature': 0, 'ignore_eos': True}
 REPO = Path(__file__).resolve().parents[2]
@@ -135,8 +136,9 @@ def _torch_engine_threads() -> int:
 
 @pytest.fixture()
 def engine_starts(monkeypatch: pytest.MonkeyPatch) -> EngineStarts:
-    from twinkle_async.engines.torch.engine import TorchEngine
     from vllm.v1.engine.async_llm import AsyncLLM
+
+    from twinkle_async.engines.torch.engine import TorchEngine
 
     starts = EngineStarts([], child_pids(), _torch_engine_threads())
 

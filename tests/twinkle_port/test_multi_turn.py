@@ -129,7 +129,7 @@ def test_cookbook_multi_turn_tool_rounds(setup):
         completion = sum(1 for label in final['labels'] if label != -100)
         assert completion > 0 and final['length'] == len(final['input_ids'])
     assert any(t > 1 for t in turns)
-    for env, turn, final in zip(envs, turns, finals):  # an episode ends done, at MAX_TURNS, or on a reply without a call
+    for env, turn, final in zip(envs, turns, finals):  # it ends done, at MAX_TURNS, or on a reply without a call
         assert env.done or turn == MAX_TURNS or not final['messages'][-1].get('tool_calls')
     second_turn = [f for f, t in zip(finals, turns) if t > 1][0]
     tool_results = [m['content'] for m in second_turn['messages'] if m['role'] == 'tool']

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, AsyncIterator, Literal, Optional, Protocol, runtime_checkable
+from typing import Any, AsyncGenerator, Literal, Optional, Protocol, runtime_checkable
 
 from twinkle_async.adapters import AdapterSpec
 from twinkle_async.data_format.outputs import LogprobRow, StopReason
@@ -99,7 +99,7 @@ class Engine(Protocol):
     max_logprobs: int
     tokenizer: Any
 
-    def generate(self, request: EngineRequest) -> AsyncIterator[EngineOutput]:
+    def generate(self, request: EngineRequest) -> AsyncGenerator[EngineOutput, None]:
         """Stream outputs of ``request``; closing the iterator aborts the request."""
 
     async def abort(self, request_id: str) -> None:

@@ -13,8 +13,13 @@ from typing import Any, AsyncIterator, Mapping, Optional, Sequence, Union
 from twinkle_async.adapters import AdapterSource, load_adapter
 from twinkle_async.data_format.outputs import TokenDelta
 from twinkle_async.engines.base import CacheKind, PauseMode
-from twinkle_async.errors import (ConfigurationError, NotSupportedError, ReplicaDiedError, TwinkleAsyncError,
-                                  WeightUpdateError)
+from twinkle_async.errors import (
+    ConfigurationError,
+    NotSupportedError,
+    ReplicaDiedError,
+    TwinkleAsyncError,
+    WeightUpdateError,
+)
 from twinkle_async.mesh import DeviceMesh
 from twinkle_async.models import DEFAULT_MODEL, resolve_model
 from twinkle_async.ray.cluster import reserved_group

@@ -133,7 +133,7 @@ class ReplicaSet:
         import ray
 
         options = self.group.actor_options(index)
-        actor = ray.remote(SamplerActor).options(**options).remote(*self.actor_args)
+        actor: Any = ray.remote(SamplerActor).options(**options).remote(*self.actor_args)
         await _unwrapped(actor.start.remote())
         for op in self.log:
             await _unwrapped(getattr(actor, op.method).remote(*op.args))

@@ -11,8 +11,13 @@ from twinkle_async.adapters import AdapterSource, load_adapter
 from twinkle_async.data_format.outputs import SampleResponse, TokenDelta
 from twinkle_async.engines.base import CACHE_KINDS, PAUSE_MODES, CacheKind, Engine, EngineRequest, PauseMode
 from twinkle_async.engines.factory import ENGINE_KINDS, create_engine
-from twinkle_async.errors import (AdapterNotFoundError, ConfigurationError, InvalidRequestError,
-                                  InvalidSamplingParamsError, TwinkleAsyncError)
+from twinkle_async.errors import (
+    AdapterNotFoundError,
+    ConfigurationError,
+    InvalidRequestError,
+    InvalidSamplingParamsError,
+    TwinkleAsyncError,
+)
 from twinkle_async.infra import check_local_mesh
 from twinkle_async.mesh import DeviceMesh
 from twinkle_async.models import DEFAULT_MODEL, resolve_model

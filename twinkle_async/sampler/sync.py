@@ -33,13 +33,14 @@ class BlockingSampler(Sampler):
         check_local_mesh(device_mesh, remote_group)
         self.device_mesh = device_mesh or DeviceMesh()
         engine_args = self._engine_args(engine_args, kwargs)
+        self.async_sampler: AsyncSampler
         if remote_group is None:
             self.async_sampler = AsyncSampler(model_id, engine=self.engine_kind, engine_args=engine_args,
                                               device_mesh=device_mesh)
         else:
-            self.async_sampler = AsyncSampler(model_id, engine=self.engine_kind, engine_args=engine_args,
-                                              remote_group=remote_group, device_mesh=device_mesh,
-                                              retry=retry)
+            from twinkle_async.ray.remote_sampler import RemoteSampler
+            self.async_sampler = RemoteSampler(model_id, engine=self.engine_kind, engine_args=engine_args,
+                                               remote_group=remote_group, device_mesh=device_mesh, retry=retry)
         self._portal = Portal()
         self._finalizer = weakref.finalize(self, _shutdown, self._portal, self.async_sampler)
         try:

@@ -8,13 +8,19 @@ may also be a tokenizer. Every keyword it does not know is a chat-template varia
 from __future__ import annotations
 
 import os
-from typing import Any, Optional, Sequence, cast
+from typing import Any, Mapping, Optional, Sequence, cast
 
-from twinkle_async.data_format.inputs import InputFeature, Trajectory
+from twinkle_async.data_format.inputs import InputFeature
 from twinkle_async.errors import InvalidInputError
 from twinkle_async.template.detokenizer import IncrementalDetokenizer
-from twinkle_async.template.features import (as_id_list, check_truncation_strategy, concat_ids, plain_copy,
-                                             truncate_ids, with_ids)
+from twinkle_async.template.features import (
+    as_id_list,
+    check_truncation_strategy,
+    concat_ids,
+    plain_copy,
+    truncate_ids,
+    with_ids,
+)
 from twinkle_async.template.messages import hf_messages, hf_tools
 from twinkle_async.template.tool_parsers import detect_tool_parser
 
@@ -68,7 +74,7 @@ class Template:
         """Twinkle's name for the tokenizer (text models)."""
         return self.tokenizer
 
-    def encode(self, trajectory: Trajectory, add_generation_prompt: bool = True) -> Optional[InputFeature]:
+    def encode(self, trajectory: Mapping[str, Any], add_generation_prompt: bool = True) -> Optional[InputFeature]:
         """The trajectory as a prompt feature: a copy of it (``messages``, ``tools`` and every other key, the
         default system message added) with ``input_ids``, ``labels`` (all ignored), ``attention_mask``,
         ``position_ids`` and ``length``. ``None`` when ``truncation_strategy='delete'`` drops it.
@@ -86,7 +92,7 @@ class Template:
             return None
         return cast(InputFeature, with_ids(feature, ids, [-100] * len(ids)))
 
-    def batch_encode(self, trajectories: Sequence[Trajectory],
+    def batch_encode(self, trajectories: Sequence[Mapping[str, Any]],
                      add_generation_prompt: bool = True) -> list[InputFeature]:
         """``encode`` each; dropped ones (``truncation_strategy='delete'``) are left out."""
         features = (self.encode(t, add_generation_prompt) for t in trajectories)

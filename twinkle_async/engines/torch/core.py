@@ -28,7 +28,7 @@ from twinkle_async.engines.torch.slots import SlotTable
 __all__ = ['EngineCore', 'CoreConfig']
 
 Emit = Callable[[list[EngineOutput]], None]
-Reply = Callable[[Any, Optional[BaseException]], None]
+Reply = Callable[[Any, Optional[BaseException]], object]
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,7 +66,7 @@ class EngineCore:
         self.weight_version = 0
         self.pause_mode: Optional[PauseMode] = None
         self.held: dict[str, Request] = {}
-        self._on_drained: list[Callable[[], None]] = []
+        self._on_drained: list[Callable[[], object]] = []
         self._stale_kv = False
         self._emit, self._fail = emit, fail
         self._pending: list[EngineOutput] = []
@@ -117,7 +117,7 @@ class EngineCore:
         return EngineStats(waiting=len(s.waiting) + len(self.held), running=len(s.requests) - len(s.waiting),
                            used_slots=len(s.running), kv_usage=len(s.running) / s.num_slots)
 
-    def pause(self, mode: PauseMode, on_paused: Callable[[], None]) -> None:
+    def pause(self, mode: PauseMode, on_paused: Callable[[], object]) -> None:
         """Hold new requests; 'abort' ends those in flight, 'keep' freezes them, 'wait' lets them finish."""
         self.pause_mode = mode
         if mode == 'abort':

@@ -6,7 +6,7 @@ import asyncio
 import logging
 import threading
 from pathlib import Path
-from typing import Any, AsyncIterator, Callable, Mapping, Optional, TypeVar
+from typing import Any, AsyncGenerator, Callable, Mapping, Optional, TypeVar
 
 from twinkle_async.adapters import AdapterSpec, check_fits
 from twinkle_async.engines.base import CacheKind, EngineOutput, EngineRequest, EngineStats, PauseMode
@@ -71,7 +71,7 @@ class TorchEngine:
     def is_dead(self) -> bool:
         return self._dead is not None
 
-    async def generate(self, request: EngineRequest) -> AsyncIterator[EngineOutput]:
+    async def generate(self, request: EngineRequest) -> AsyncGenerator[EngineOutput, None]:
         """Stream ``request``'s outputs; cancelling or closing the iterator aborts it in the engine.
 
         Raises:

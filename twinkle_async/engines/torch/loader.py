@@ -47,7 +47,7 @@ def load_model(model_dir: Path, args: TorchEngineArgs) -> tuple[Any, Any]:
     device = resolve_device(args.device)
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=args.trust_remote_code)
-        model = AutoModelForCausalLM.from_pretrained(
+        model: Any = AutoModelForCausalLM.from_pretrained(  # the class is the checkpoint's: known at run time only
             model_dir, dtype=resolve_dtype(args.dtype, device), use_safetensors=True,
             trust_remote_code=args.trust_remote_code, attn_implementation=args.attn_implementation)
     except Exception as exc:  # transformers raises OSError/ValueError; trusted remote code may raise anything

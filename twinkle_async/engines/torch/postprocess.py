@@ -41,7 +41,7 @@ class OutputProcessor:
         keep = params.logprobs
         return EngineOutput(
             sample.request.request_id, sample.index, [token],
-            None if keep is None else [row[:keep + 1]], _text_delta(sample), sample.finish_reason,
+            None if keep is None or row is None else [row[:keep + 1]], _text_delta(sample), sample.finish_reason,
             sample.request.prompt_logprobs if sample.index == 0 and len(sample.output_ids) == 1 else None,
             weight_version)
 
@@ -82,7 +82,7 @@ def _logprob_rows(tokens: list[int], batch: SampledBatch) -> list[Optional[Logpr
     if batch.token_logprobs is None:
         return [None] * len(tokens)
     sampled = batch.token_logprobs.tolist()
-    if batch.top_ids is None:
+    if batch.top_ids is None or batch.top_logprobs is None:
         return [[(t, lp)] for t, lp in zip(tokens, sampled)]
     top_ids, top_lps = batch.top_ids.tolist(), batch.top_logprobs.tolist()
     return [[(t, lp), *zip(ids, lps)] for t, lp, ids, lps in zip(tokens, sampled, top_ids, top_lps)]

@@ -7,7 +7,7 @@ import contextlib
 import dataclasses
 import os
 from pathlib import Path
-from typing import Any, AsyncIterator, Awaitable, Iterator, Mapping, Optional, TypeVar
+from typing import Any, AsyncGenerator, AsyncIterator, Awaitable, Iterator, Mapping, Optional, TypeVar
 
 from twinkle_async.adapters import AdapterSpec, check_fits
 from twinkle_async.engines.base import CacheKind, EngineOutput, EngineRequest, EngineStats, PauseMode
@@ -17,8 +17,14 @@ from twinkle_async.engines.vllm.outputs import to_engine_outputs, to_vllm_params
 from twinkle_async.engines.vllm.scheduler_stats import SchedulerSnapshot, snapshot_logger_factory
 from twinkle_async.engines.vllm.stamping import StampedQueue, VersionLabels
 from twinkle_async.engines.vllm.weight_sync import WeightSync
-from twinkle_async.errors import (ConfigurationError, EngineArgsError, EngineDeadError, EngineError,
-                                  InvalidRequestError, NotSupportedError)
+from twinkle_async.errors import (
+    ConfigurationError,
+    EngineArgsError,
+    EngineDeadError,
+    EngineError,
+    InvalidRequestError,
+    NotSupportedError,
+)
 from twinkle_async.models import require_safetensors
 from twinkle_async.weights import NamedTensors
 
@@ -80,7 +86,7 @@ class VLLMEngine:
     def is_dead(self) -> bool:
         return self._closed or self.llm.errored
 
-    async def generate(self, request: EngineRequest) -> AsyncIterator[EngineOutput]:
+    async def generate(self, request: EngineRequest) -> AsyncGenerator[EngineOutput, None]:
         """Stream ``request``'s outputs; closing the iterator aborts it inside vLLM.
 
         Raises:

@@ -6,6 +6,7 @@ Buckets travel as safetensors files in shared memory (``/dev/shm`` where there i
 
 from __future__ import annotations
 
+import functools
 import itertools
 import os
 import shutil
@@ -16,8 +17,15 @@ from typing import Any, Awaitable, Callable, Iterator, Optional
 import torch
 
 from twinkle_async.errors import WeightUpdateError
-from twinkle_async.weights import (DEFAULT_BUCKET_BYTES, NamedTensors, TensorSpec, buckets, checkpoint_specs,
-                                   conformed, stage_update)
+from twinkle_async.weights import (
+    DEFAULT_BUCKET_BYTES,
+    NamedTensors,
+    TensorSpec,
+    buckets,
+    checkpoint_specs,
+    conformed,
+    stage_update,
+)
 
 __all__ = ['WeightSync']
 
@@ -58,7 +66,7 @@ class WeightSync:
         try:
             for number in itertools.count():
                 path = directory / f'bucket-{number}.safetensors'
-                if not await stage_update(lambda: _write_bucket(chunks, path)):
+                if not await stage_update(functools.partial(_write_bucket, chunks, path)):
                     break
                 await self._rpc('twinkle_stage', str(path))
                 path.unlink()

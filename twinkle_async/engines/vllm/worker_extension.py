@@ -22,6 +22,8 @@ class TwinkleWorkerExtension:
 
     _twinkle_staged: dict[str, Any]
     _twinkle_overlay: dict[str, Any]
+    model_runner: Any  # the worker's
+    vllm_config: Any  # the worker's
 
     def twinkle_stage(self, path: str) -> int:
         """Keep one bucket of new weights (not applied yet); returns how many are staged."""
