@@ -18,6 +18,20 @@ ENGINES = ['torch', 'vllm']
 WAIT = 120  # seconds: the longest any single await in a test may take before it counts as a hang
 
 
+RAY_TEST_ENVIRONMENT = {'RAY_USAGE_STATS_ENABLED': '0', 'RAY_memory_monitor_refresh_ms': '0',
+                        'RAY_AUTH_MODE': 'disabled'}
+
+
+@pytest.fixture(scope='session')
+def ray_environment():
+    """What a local test cluster needs set before ``ray.init`` (values already set by the user are kept)."""
+    with pytest.MonkeyPatch.context() as patch:
+        for key, value in RAY_TEST_ENVIRONMENT.items():
+            if key not in os.environ:
+                patch.setenv(key, value)
+        yield
+
+
 @pytest.fixture(scope='session')
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_tiny_model(tmp_path_factory.mktemp('tiny-model'))

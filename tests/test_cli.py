@@ -5,8 +5,11 @@ from __future__ import annotations
 import json
 
 import pytest
+from transformers import AutoTokenizer
 
 from twinkle_async.cli import main
+
+from conftest import hf_greedy, load_hf
 
 
 @pytest.fixture()
@@ -14,9 +17,13 @@ def model_args(tiny_model_dir) -> list[str]:
     return ['--model', str(tiny_model_dir), '--max-model-len', '256']
 
 
-def test_single_prompt_streams_the_reply(model_args, capsys):
+def test_single_prompt_streams_the_greedy_reply(model_args, tiny_model_dir, capsys):
     assert main(['sample', 'hello there', '--temperature', '0', '--max-tokens', '8', '--ignore-eos', *model_args]) == 0
-    assert capsys.readouterr().out.strip()
+    printed = capsys.readouterr().out
+    model, tokenizer = load_hf(tiny_model_dir), AutoTokenizer.from_pretrained(tiny_model_dir)
+    prompt = tokenizer.apply_chat_template([{'role': 'user', 'content': 'hello there'}], tokenize=True,
+                                           add_generation_prompt=True, return_dict=False)
+    assert printed.strip() == tokenizer.decode(hf_greedy(model, list(prompt), 8), skip_special_tokens=True).strip()
 
 
 def test_file_mode_writes_in_order_and_refuses_to_overwrite(model_args, tmp_path, capsys):

@@ -61,7 +61,7 @@ async def test_mixed_adapters_in_one_batch_equal_their_single_adapter_runs(with_
         with_adapters.sample({'input_ids': PROMPTS[i % 3]}, GREEDY, name) for i, name in enumerate(names))))
     for i, (name, response) in enumerate(zip(names, together)):
         assert response.sequences[0].tokens == alone[name][i % 3], (name, i)
-    assert alone['a'] != alone['b'] != alone['']
+    assert len({str(alone[name]) for name in ('a', 'b', '')}) == 3, 'a, b and the base model differ pairwise'
 
 
 async def test_re_adding_a_name_serves_the_new_weights_at_once(with_adapters, tiny_model_dir, lora_dirs):

@@ -140,12 +140,17 @@ async def test_stop_token_id_stops_with_the_token_included(sampler):
     assert stopped.stop_reason == 'stop' and stopped.tokens == free.tokens[:first + 1]
 
 
-@pytest.mark.parametrize('penalty', [1.5])
-async def test_repetition_penalty_changes_greedy_output(sampler, penalty):
-    plain = await within(sampler.sample(chat('aaaa'), {'max_tokens': 30, 'temperature': 0, 'ignore_eos': True}))
-    penalized = await within(sampler.sample(chat('aaaa'), {'max_tokens': 30, 'temperature': 0, 'ignore_eos': True,
-                                                            'repetition_penalty': penalty}))
-    assert plain.sequences[0].tokens != penalized.sequences[0].tokens
+@pytest.mark.parametrize('penalty', [1.5, 0.7])
+async def test_repetition_penalty_matches_hf_generate(sampler, hf_tiny, penalty):
+    model, _ = hf_tiny
+    prompt = sampler.template.encode(chat('aaaa'))['input_ids']
+    penalized = await within(sampler.sample({'input_ids': prompt}, {'max_tokens': 30, 'temperature': 0,
+                                                                    'ignore_eos': True, 'repetition_penalty': penalty}))
+    with torch.no_grad():
+        expected = model.generate(torch.tensor([prompt]), max_new_tokens=30, do_sample=False, eos_token_id=None,
+                                  repetition_penalty=penalty)[0, len(prompt):].tolist()
+    assert penalized.sequences[0].tokens == expected
+    assert expected != hf_greedy(model, prompt, 30), 'the penalty changes the greedy answer'
 
 
 async def test_top_k_one_and_tiny_top_p_are_greedy(sampler):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import time
 
 import pytest
@@ -15,13 +14,10 @@ from conftest import ENGINES, chat, hf_greedy, load_hf, within
 
 pytestmark = pytest.mark.slow
 
-for key, value in {'RAY_USAGE_STATS_ENABLED': '0', 'RAY_memory_monitor_refresh_ms': '0',
-                   'RAY_AUTH_MODE': 'disabled'}.items():
-    os.environ.setdefault(key, value)
 
 
 @pytest.fixture(scope='module')
-def ray_cluster():
+def ray_cluster(ray_environment):
     """A local Ray cluster with the seed's group: 2 CPU ranks named 'sampler'."""
     import ray
     initialize('ray', groups=[DeviceGroup(name='sampler', ranks=2, device_type='cpu')], num_cpus=2,

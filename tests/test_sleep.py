@@ -22,6 +22,13 @@ async def torch_engine_sampler(tiny_model_dir):
         yield sampler
 
 
+async def counters_when(sampler, condition):
+    """The engine's counters once ``condition`` holds for them (polled: the request goes in through the loop)."""
+    while not condition(stats := await sampler.engine.stats()):
+        await asyncio.sleep(0.005)
+    return stats
+
+
 async def test_level_1_frees_the_kv_cache_and_requests_wait_for_wake_up(torch_engine_sampler):
     sampler = torch_engine_sampler
     before = (await within(sampler.sample(PROMPT, GREEDY))).sequences[0].tokens
@@ -29,8 +36,8 @@ async def test_level_1_frees_the_kv_cache_and_requests_wait_for_wake_up(torch_en
     await within(sampler.sleep(1))
     assert sampler.engine.core.cache.capacity == 0 and sampler.engine.core.cache.keys == []
     waiting = asyncio.create_task(sampler.sample(PROMPT, GREEDY))
-    done, _ = await asyncio.wait({waiting}, timeout=1.0)
-    assert not done
+    stats = await within(counters_when(sampler, lambda s: s.waiting == 1))
+    assert (stats.running, stats.used_slots) == (0, 0) and not waiting.done(), 'held, not run'
     await within(sampler.wake_up())
     assert (await within(waiting)).sequences[0].tokens == before
 
@@ -39,6 +46,7 @@ async def test_level_2_drops_the_weights_until_they_are_sent_again(torch_engine_
     sampler = torch_engine_sampler
     before = (await within(sampler.sample(PROMPT, GREEDY))).sequences[0].tokens
     in_flight = asyncio.create_task(sampler.sample(PROMPT, {**GREEDY, 'max_tokens': 400}))
+    await within(counters_when(sampler, lambda s: s.running == 1 and s.used_slots == 1))  # running, not queued
     await within(sampler.sleep(2))
     assert (await within(in_flight)).sequences[0].stop_reason == 'abort'
     weight = sampler.engine.weights.tensors['model.layers.0.mlp.up_proj.weight']

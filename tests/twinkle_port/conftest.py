@@ -7,7 +7,6 @@ One sampler per set-up serves every flow (built as the cookbooks build theirs); 
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
@@ -29,9 +28,6 @@ TORCH_ENGINE_ARGS = {'gpu_memory_utilization': 0.8, 'max_model_len': 2048, 'logp
 
 
 def _ray_sampler():
-    for key, value in {'RAY_USAGE_STATS_ENABLED': '0', 'RAY_memory_monitor_refresh_ms': '0',
-                       'RAY_AUTH_MODE': 'disabled'}.items():
-        os.environ.setdefault(key, value)
     sampler_gpus = 2
     device_groups = [DeviceGroup(name='sampler', ranks=list(range(sampler_gpus)), device_type='CPU')]
     sampler_mesh = DeviceMesh.from_sizes(world_size=sampler_gpus, dp_size=sampler_gpus)
@@ -42,7 +38,7 @@ def _ray_sampler():
 
 
 @pytest.fixture(scope='package', params=SETUPS)
-def setup(request):
+def setup(request, ray_environment):
     """``(name, sampler)``: one set-up at a time (pytest groups the tests by it)."""
     if request.param == 'torch':
         sampler = TorchSampler(model_id=MODEL_ID, engine_args=TORCH_ENGINE_ARGS)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Optional, Sequence
+from typing import Optional
 
 __all__ = ['Router']
 
@@ -17,10 +17,6 @@ class Router:
         self.sessions: OrderedDict[str, int] = OrderedDict()
         self.max_sessions = max_sessions
 
-    @property
-    def any_alive(self) -> bool:
-        return any(self.alive)
-
     def pick(self, work: int, session_id: Optional[str] = None) -> int:
         """The replica for one request (its session's, while that one is alive); counts ``work`` on it."""
         replica = self.sessions.get(session_id) if session_id is not None else None
@@ -33,10 +29,6 @@ class Router:
                 self.sessions.popitem(last=False)
         self.outstanding[replica] += work
         return replica
-
-    def split(self, works: Sequence[int]) -> list[int]:
-        """A replica for each item of a list, spreading the work; counts it."""
-        return [self.pick(work) for work in works]
 
     def done(self, replica: int, work: int) -> None:
         self.outstanding[replica] -= work
