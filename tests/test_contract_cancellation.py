@@ -5,6 +5,10 @@ from __future__ import annotations
 import asyncio
 import random
 
+from twinkle_async import SamplingParams
+from twinkle_async.engines.base import EngineRequest
+from twinkle_async.sampler.requests import encode_input, resolve_params
+
 from conftest import chat, start_long_stream, within
 
 
@@ -47,17 +51,17 @@ async def test_cancelling_a_sample_call_aborts_it(sampler):
 
 
 async def test_abort_ends_the_stream_with_abort_and_partial_tokens(sampler):
-    first = asyncio.Event()
-    results: list = []
+    engine, results = sampler.engine, []
+    _, prompt = encode_input(chat('abort me'), sampler.template, engine.vocab_size)
+    params = resolve_params(SamplingParams(max_tokens=400, ignore_eos=True), len(prompt), engine.max_model_len,
+                            engine.vocab_size)
+    request = EngineRequest('abort-me', prompt, params)
 
     async def run() -> None:
-        _, request = sampler._request(chat('abort me'), __import__('twinkle_async').SamplingParams(
-            max_tokens=400, ignore_eos=True), '')
-        async for output in sampler.engine.generate(request):
+        async for output in engine.generate(request):
             results.append(output)
             if len(results) == 2:
-                first.set()
-                await sampler.engine.abort(request.request_id)
+                await engine.abort(request.request_id)
 
     await within(run())
     assert results[-1].finish_reason == 'abort'
