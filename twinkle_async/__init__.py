@@ -6,13 +6,13 @@
 
 from twinkle_async import errors
 from twinkle_async.data_format import (
-                                       InputFeature,
-                                       Message,
-                                       SampledSequence,
-                                       SampleResponse,
-                                       SamplingParams,
-                                       TokenDelta,
-                                       Trajectory,
+    InputFeature,
+    Message,
+    SampledSequence,
+    SampleResponse,
+    SamplingParams,
+    TokenDelta,
+    Trajectory,
 )
 from twinkle_async.infra import get_device_placement, get_logger, initialize
 from twinkle_async.mesh import DeviceGroup, DeviceMesh

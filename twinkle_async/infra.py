@@ -10,7 +10,7 @@ from typing import Any, Optional, Sequence
 from twinkle_async.errors import ConfigurationError, NotSupportedError
 from twinkle_async.mesh import DeviceGroup, DeviceMesh
 
-__all__ = ['initialize', 'current_mode', 'check_local_mesh', 'get_logger', 'get_device_placement']
+__all__ = ['initialize', 'check_local_mesh', 'get_logger', 'get_device_placement']
 
 logger = logging.getLogger('twinkle_async')
 
@@ -82,10 +82,6 @@ def seed_everything(seed: int, full_determinism: bool = False) -> None:
         torch.use_deterministic_algorithms(True, warn_only=True)
 
 
-def current_mode() -> str:
-    return _State.mode
-
-
 def check_local_mesh(mesh: Optional[DeviceMesh], remote_group: Optional[str]) -> None:
     """Refuse layouts that need Ray when running locally, with a clear error."""
     if remote_group is not None and _State.mode != 'ray':
@@ -99,13 +95,12 @@ def check_local_mesh(mesh: Optional[DeviceMesh], remote_group: Optional[str]) ->
 def get_logger(name: Optional[str] = None) -> logging.Logger:
     """Twinkle's ``get_logger``: the ``twinkle_async`` logger (or its child ``name``), printing INFO and up to
     stderr unless logging was configured already."""
-    root = logging.getLogger('twinkle_async')
-    if not root.handlers and not logging.getLogger().handlers:
+    if not logger.handlers and not logging.getLogger().handlers:
         handler = logging.StreamHandler()
         handler.setFormatter(logging.Formatter('[%(levelname)s:%(name)s] %(message)s'))
-        root.addHandler(handler)
-        root.setLevel(logging.INFO)
-    return root.getChild(name) if name else root
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+    return logger.getChild(name) if name else logger
 
 
 def get_device_placement(device_group: Optional[Sequence[DeviceGroup]] = None) -> str:

@@ -10,14 +10,13 @@ from twinkle_async.data_format.outputs import LogprobRow, StopReason
 from twinkle_async.weights import NamedTensors
 
 __all__ = ['RequestParams', 'EngineRequest', 'EngineOutput', 'EngineStats', 'Engine', 'PauseMode', 'PAUSE_MODES',
-           'CacheKind', 'CACHE_KINDS', 'LogprobsMode', 'LOGPROBS_MODES']
+           'CacheKind', 'CACHE_KINDS', 'LogprobsMode']
 
 PauseMode = Literal['abort', 'keep', 'wait']
 PAUSE_MODES: tuple[str, ...] = ('abort', 'keep', 'wait')
 CacheKind = Literal['prefix', 'mm', 'encoder']
 CACHE_KINDS: tuple[str, ...] = ('prefix', 'mm', 'encoder')
 LogprobsMode = Literal['raw_logprobs', 'processed_logprobs']
-LOGPROBS_MODES: tuple[str, ...] = ('raw_logprobs', 'processed_logprobs')
 """``engine_args['logprobs_mode']`` on both engines: 'raw_logprobs' (the default, as in vLLM) are the model's own
 log-softmax; 'processed_logprobs' are those of the distribution tokens were drawn from (after the repetition
 penalty, temperature, top-k and top-p, renormalised; greedy requests: after the penalty). Prompt logprobs are

@@ -59,7 +59,7 @@ def encode_input(item: Any, template: Template, vocab_size: int,
     """
     if not isinstance(item, Mapping):
         raise InvalidInputError(f'an input must be an InputFeature or a Trajectory dict, got {type(item).__name__}')
-    feature = item if 'input_ids' in item else template.encode(dict(item), add_generation_prompt=not scoring)
+    feature = item if 'input_ids' in item else template.encode(item, add_generation_prompt=not scoring)
     if feature is None:
         return None, []
     ids = as_id_list(feature['input_ids'])

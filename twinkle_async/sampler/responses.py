@@ -45,22 +45,22 @@ class ResponseBuilder:
             self.prompt_logprobs = output.prompt_logprobs
 
     def build(self, continuation: Continuation) -> SampleResponse:
-        sequences = [self._sequence(i, continuation) for i in range(len(self.tokens))]
+        return self._response([self._sequence(i, continuation) for i in range(len(self.tokens))])
+
+    def scored(self, num_samples: int, feature: Mapping[str, Any]) -> SampleResponse:
+        """The response of a scoring request (``max_tokens=0``): the prompt logprobs and ``num_samples`` empty
+        sequences whose ``new_input_feature`` is a plain copy of the prompt's feature."""
+        return self._response([SampledSequence.model_construct(
+            stop_reason='length', tokens=[], logprobs=None, decoded='', new_input_feature=plain_copy(feature),
+            weight_versions=[]) for _ in range(num_samples)])
+
+    def _response(self, sequences: list[SampledSequence]) -> SampleResponse:
         prompt_lps = topk = None
         if self.prompt_logprobs is not None:
             prompt_lps = [None if row is None else row[0][1] for row in self.prompt_logprobs]
             topk = [None if row is None else row[1:] for row in self.prompt_logprobs]
         return SampleResponse.model_construct(sequences=sequences, prompt_token_ids=self.prompt_token_ids,
                                               prompt_logprobs=prompt_lps, topk_prompt_logprobs=topk)
-
-    def scored(self, num_samples: int, feature: Mapping[str, Any]) -> SampleResponse:
-        """The response of a scoring request (``max_tokens=0``): the prompt logprobs and ``num_samples`` empty
-        sequences whose ``new_input_feature`` is a plain copy of the prompt's feature."""
-        response = self.build(lambda tokens: None)
-        sequences = [SampledSequence.model_construct(
-            stop_reason='length', tokens=[], logprobs=None, decoded='', new_input_feature=plain_copy(feature),
-            weight_versions=[]) for _ in range(num_samples)]
-        return response.model_copy(update={'sequences': sequences})
 
     def _sequence(self, i: int, continuation: Continuation) -> SampledSequence:
         tokens = self.tokens[i]

@@ -14,6 +14,7 @@ from twinkle_async.data_format.inputs import InputFeature
 from twinkle_async.errors import InvalidInputError
 from twinkle_async.template.detokenizer import IncrementalDetokenizer
 from twinkle_async.template.features import (
+    IGNORE,
     as_id_list,
     check_truncation_strategy,
     concat_ids,
@@ -90,7 +91,7 @@ class Template:
                            self.truncation_strategy)
         if ids is None:
             return None
-        return cast(InputFeature, with_ids(feature, ids, [-100] * len(ids)))
+        return cast(InputFeature, with_ids(feature, ids, [IGNORE] * len(ids)))
 
     def batch_encode(self, trajectories: Sequence[Mapping[str, Any]],
                      add_generation_prompt: bool = True) -> list[InputFeature]:

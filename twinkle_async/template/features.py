@@ -8,14 +8,13 @@ layout so a feature can go back and forth between the sampler and a Twinkle trai
 from __future__ import annotations
 
 import copy
-from typing import Any, Literal, Mapping, Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 from twinkle_async.errors import ConfigurationError, InvalidInputError, PromptTooLongError
 
-__all__ = ['TRUNCATION_STRATEGIES', 'TruncationStrategy', 'plain_copy', 'as_id_list', 'with_ids', 'unrolled_labels',
-           'truncate_ids', 'concat_ids', 'check_truncation_strategy']
+__all__ = ['TRUNCATION_STRATEGIES', 'plain_copy', 'as_id_list', 'with_ids', 'unrolled_labels',
+           'truncate_ids', 'concat_ids', 'check_truncation_strategy', 'IGNORE']
 
-TruncationStrategy = Literal['raise', 'left', 'right', 'delete']
 TRUNCATION_STRATEGIES: tuple[str, ...] = ('raise', 'left', 'right', 'delete')
 IGNORE = -100
 

@@ -21,7 +21,7 @@ class TorchEngineArgs(BaseModel):
     ``dtype``, ``max_model_len``, ``max_num_seqs`` and ``seed`` mean the same as on the vLLM engine.
     ``max_num_seqs`` counts samples (KV slots), ``max_num_batched_tokens`` bounds one prefill,
     ``kv_cache_memory_bytes`` bounds the slot KV cache (``max_num_seqs * max_model_len`` tokens).
-    ``logprobs_mode`` and ``max_logprobs`` mean what they mean in vLLM (see ``engines.base.LOGPROBS_MODES``);
+    ``logprobs_mode`` and ``max_logprobs`` mean what they mean in vLLM (see ``engines.base.LogprobsMode``);
     ``torch_dtype`` is another name for ``dtype``. ``gpu_memory_utilization`` (vLLM's, passed by Twinkle scripts) is
     accepted and ignored: ``kv_cache_memory_bytes`` sizes this engine's cache.
     """
