@@ -23,7 +23,7 @@ from unittest import mock
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import format_table, machine_info, write_json  # noqa: E402
+from common import benchmark_parser, format_table, save_results  # noqa: E402
 from loadgen import run_cancel_storm, run_load  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / 'results'
@@ -73,7 +73,7 @@ def print_tables(rows: list[dict]) -> None:
 
 
 def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = benchmark_parser(__doc__, RESULTS / 'load.json')
     parser.add_argument('--engines', nargs='+', default=['torch', 'vllm'], choices=['torch', 'vllm'])
     parser.add_argument('--model', default='tiny', help="'tiny', 'default' or a model dir")
     parser.add_argument('--requests', type=int, default=2000)
@@ -83,7 +83,6 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     parser.add_argument('--max-num-seqs', type=int, default=256)
     parser.add_argument('--onednn-cache', nargs='+', default=['default'],
                         help="vLLM only: ONEDNN_PRIMITIVE_CACHE_CAPACITY values ('default': the engine's, 0 on CPU)")
-    parser.add_argument('--json', type=Path, default=RESULTS / 'load.json')
     return parser.parse_args(argv)
 
 
@@ -100,8 +99,7 @@ def main(argv: Optional[list[str]] = None) -> list[dict[str, Any]]:
                                      {'ONEDNN_PRIMITIVE_CACHE_CAPACITY': capacity}):  # read by engine processes
                     rows += asyncio.run(one_engine(engine, model_dir, args, capacity))
     print_tables(rows)
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    write_json(args.json, {'machine': machine_info(), 'model': args.model, 'rows': rows})
+    save_results(args, rows=rows)
     return rows
 
 

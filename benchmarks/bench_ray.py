@@ -26,7 +26,7 @@ from bench_vllm_overhead import measure, model_dir_for, sampler_sample, sampler_
 
 import twinkle_async as ta  # noqa: E402
 
-from common import format_table, machine_info, write_json  # noqa: E402
+from common import benchmark_parser, format_table, save_results  # noqa: E402
 
 
 async def run_all(model_dir: Path, workload, args: argparse.Namespace) -> dict:
@@ -61,14 +61,13 @@ def report(results: dict) -> list[dict]:
 
 
 def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = benchmark_parser(__doc__)
     parser.add_argument('--engine', choices=['torch', 'vllm'], default='torch')
     parser.add_argument('--model', choices=['default', 'tiny'], default='default')
     parser.add_argument('--num-requests', type=int, default=32)
     parser.add_argument('--rounds', type=int, default=2)
     parser.add_argument('--threads', type=int, default=os.cpu_count() or 1)
     parser.add_argument('--coalesce-s', type=float, default=0.005, help='stream deltas gathered per Ray item')
-    parser.add_argument('--json', type=Path)
     return parser.parse_args(argv)
 
 
@@ -87,9 +86,7 @@ def main(argv: Optional[list[str]] = None) -> None:
         print(f'engine: {args.engine}, model: {args.model}; workload: {workload.describe()}')
         results = asyncio.run(run_all(model_dir, workload, args))
     payload = report(results)
-    if args.json:
-        write_json(args.json, {'machine': machine_info(), 'args': vars(args) | {'json': str(args.json)},
-                               'workload': workload.describe(), 'results': payload})
+    save_results(args, workload=workload.describe(), results=payload)
 
 
 if __name__ == '__main__':

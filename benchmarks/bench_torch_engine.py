@@ -49,6 +49,7 @@ from common import (
     Stopwatch,
     SystemResult,
     Workload,
+    benchmark_parser,
     best_of,
     build_chat_workload,
     build_tiny_llama,
@@ -56,9 +57,9 @@ from common import (
     format_table,
     iter_batches,
     machine_info,
+    save_results,
     timed,
     wait_for_quiet_cpu,
-    write_json,
 )
 
 DTYPES = {'float32': torch.float32, 'bfloat16': torch.bfloat16}
@@ -247,7 +248,7 @@ def run_model(name: str, model_dir: Path, workload: Workload, args: argparse.Nam
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    parser = benchmark_parser(__doc__.split('\n\n')[0])
     parser.add_argument('--dtype', choices=sorted(DTYPES), default='float32')
     parser.add_argument('--num-requests', type=int, default=64)
     parser.add_argument('--models', default='tiny,default', help='comma-separated: tiny, default, or a model dir/id')
@@ -258,7 +259,6 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument('--max-cpu-pressure', type=float, default=5.0,
                         help='before each system, wait until CPU pressure (PSI avg10, %%) is at most this ...')
     parser.add_argument('--quiet-wait', type=float, default=120.0, help='... for at most this many seconds')
-    parser.add_argument('--json', type=Path, default=None, help='also write the figures here')
     return parser.parse_args(argv)
 
 
@@ -283,9 +283,7 @@ def main(argv: Optional[list[str]] = None) -> None:
             reports.append(run_model(name.strip(), model_dir, workload, args, tokenizer.pad_token_id))
     total = time.perf_counter() - started
     print('\nnotes:\n' + '\n'.join(f'- {n}' for n in NOTES) + f'\ntotal run time: {total:.0f} s')
-    if args.json:
-        write_json(args.json, {'machine': info, 'args': vars(args), 'notes': NOTES, 'results': reports,
-                               'total_seconds': total})
+    save_results(args, notes=NOTES, results=reports, total_seconds=total)
 
 
 if __name__ == '__main__':

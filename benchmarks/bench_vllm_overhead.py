@@ -27,12 +27,12 @@ import twinkle_async as ta  # noqa: E402
 from common import (  # noqa: E402
     SystemResult,
     Workload,
+    benchmark_parser,
     build_chat_workload,
     build_tiny_llama,
     format_table,
-    machine_info,
+    save_results,
     timed,
-    write_json,
 )
 
 Runner = Callable[[Workload], Awaitable[list[list[int]]]]
@@ -128,14 +128,13 @@ def model_dir_for(name: str, scratch: Path) -> Path:
 
 
 def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = benchmark_parser(__doc__)
     parser.add_argument('--model', choices=['default', 'tiny'], default='default')
     parser.add_argument('--num-requests', type=int, default=64)
     parser.add_argument('--rounds', type=int, default=2)
     parser.add_argument('--dtype', default='float32')
     parser.add_argument('--max-num-seqs', type=int, default=64)
     parser.add_argument('--max-model-len', type=int, default=1024)
-    parser.add_argument('--json', type=Path)
     return parser.parse_args(argv)
 
 
@@ -148,9 +147,7 @@ def main(argv: Optional[list[str]] = None) -> None:
         print(f'model: {args.model} ({args.dtype}); workload: {workload.describe()}')
         results = asyncio.run(run_all(model_dir, workload, args))
     payload = report(results, workload)
-    if args.json:
-        write_json(args.json, {'machine': machine_info(), 'args': vars(args) | {'json': str(args.json)},
-                               'workload': workload.describe(), 'results': payload})
+    save_results(args, workload=workload.describe(), results=payload)
 
 
 if __name__ == '__main__':

@@ -26,7 +26,7 @@ import torch  # noqa: E402
 
 import twinkle_async as ta  # noqa: E402
 
-from common import format_table, machine_info, tree_rss_mib, write_json  # noqa: E402
+from common import benchmark_parser, format_table, machine_info, save_results, tree_rss_mib  # noqa: E402
 
 LORA_TARGETS = ['q_proj', 'k_proj', 'v_proj', 'o_proj', 'gate_proj', 'up_proj', 'down_proj']
 
@@ -135,11 +135,10 @@ def report(results: list[dict[str, Any]], base: dict[str, torch.Tensor], lora: d
 
 
 def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = benchmark_parser(__doc__)
     parser.add_argument('--engines', nargs='+', default=['torch', 'vllm'], choices=['torch', 'vllm'])
     parser.add_argument('--rounds', type=int, default=3)
     parser.add_argument('--rss-updates', type=int, default=20)
-    parser.add_argument('--json', type=Path)
     return parser.parse_args(argv)
 
 
@@ -154,9 +153,7 @@ def main(argv: Optional[list[str]] = None) -> None:
                    for engine in args.engines]
     print(f'model: {ta.DEFAULT_MODEL} (float32); machine: {machine_info()}')
     payload = report(results, base, lora, copy_full, copy_lora)
-    if args.json:
-        write_json(args.json, {'machine': machine_info(), 'args': vars(args) | {'json': str(args.json)},
-                               'results': payload, 'rss_mib': {r['engine']: r['rss_mib'] for r in results}})
+    save_results(args, results=payload, rss_mib={r['engine']: r['rss_mib'] for r in results})
 
 
 if __name__ == '__main__':

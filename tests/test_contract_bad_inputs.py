@@ -10,14 +10,14 @@ from twinkle_async import AsyncSampler, SamplingParams
 from twinkle_async.errors import (
     AdapterNotFoundError,
     InvalidInputError,
+    InvalidRequestError,
     InvalidSamplingParamsError,
     ModelNotFoundError,
     PromptTooLongError,
     TemplateNotFoundError,
-    TwinkleAsyncError,
 )
 
-from conftest import chat, within
+from conftest import chat, counters_when, within
 
 BAD_REQUESTS = [
     ('empty input_ids', {'input_ids': []}, None, InvalidInputError, 'empty'),
@@ -34,22 +34,30 @@ BAD_REQUESTS = [
     ('input not a dict', 'just a string', None, InvalidInputError, 'InputFeature'),
     ('stop id outside the vocabulary', chat('hi'), {'stop': [10**7]}, InvalidSamplingParamsError, 'stop'),
     ('max_tokens 0', chat('hi'), {'max_tokens': 0}, InvalidSamplingParamsError, 'max_tokens'),
-    ('num_samples above the slots', chat('hi'), {'num_samples': 10**4}, TwinkleAsyncError, 'num_samples'),
+    ('num_samples above the slots', chat('hi'), {'num_samples': 10**4}, InvalidRequestError,
+     'num_samples=10000 exceeds'),
 ]
 
 
 async def test_each_bad_input_fails_alone_while_16_good_requests_finish(sampler):
-    good = [asyncio.create_task(sampler.sample(chat(f'good {i}'), {'max_tokens': 24, 'ignore_eos': True, 'seed': i}))
+    good = [asyncio.create_task(sampler.sample(chat(f'good {i}'), {'max_tokens': 200, 'ignore_eos': True, 'seed': i}))
             for i in range(16)]
-    for _name, item, params, error, words in BAD_REQUESTS:
-        with pytest.raises(error, match=words):
-            await within(sampler.sample(item, params))
-    with pytest.raises(TemplateNotFoundError, match='no-such-template'):
-        sampler.set_template('no-such-template')
-    with pytest.raises(AdapterNotFoundError, match='ghost'):
-        await within(sampler.sample(chat('hi'), {'max_tokens': 2}, adapter_name='ghost'))
+    await within(counters_when(sampler, lambda s: s.running == 16))
+    await within(sampler.pause('keep'))  # all 16 stay in flight while the bad ones come and go
+    try:
+        for _name, item, params, error, words in BAD_REQUESTS:
+            with pytest.raises(error, match=words):
+                await within(sampler.sample(item, params))
+        with pytest.raises(TemplateNotFoundError, match='no-such-template'):
+            sampler.set_template('no-such-template')
+        with pytest.raises(AdapterNotFoundError, match='ghost'):
+            await within(sampler.sample(chat('hi'), {'max_tokens': 2}, adapter_name='ghost'))
+        stats = await within(sampler.engine.stats())
+        assert (stats.running, stats.waiting) == (16, 0), 'the bad ones never reached the engine'
+    finally:
+        await within(sampler.resume())
     for response in await within(asyncio.gather(*good)):
-        assert len(response.sequences[0].tokens) == 24 and response.sequences[0].stop_reason == 'length'
+        assert len(response.sequences[0].tokens) == 200 and response.sequences[0].stop_reason == 'length'
     stats = await within(sampler.engine.stats())
     assert stats.used_slots == 0
 

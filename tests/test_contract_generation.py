@@ -43,6 +43,7 @@ async def test_logprobs_equal_full_forward_log_softmax(sampler, hf_tiny):
     full = torch.tensor([prompt + sequence.tokens])
     with torch.no_grad():
         reference = torch.log_softmax(model(full).logits[0].float(), dim=-1)
+    assert len(sequence.logprobs) == len(sequence.tokens) == params.max_tokens
     for i, (token, row) in enumerate(zip(sequence.tokens, sequence.logprobs)):
         expected = reference[len(prompt) - 1 + i]
         assert row[0][0] == token, 'the sampled token comes first'
@@ -53,9 +54,12 @@ async def test_logprobs_equal_full_forward_log_softmax(sampler, hf_tiny):
         for t, lp in top:
             assert abs(lp - expected[t].item()) < 1e-5
     assert response.prompt_logprobs[0] is None and response.topk_prompt_logprobs[0] is None
+    assert len(response.prompt_logprobs) == len(response.topk_prompt_logprobs) == len(prompt)
     for i in range(1, len(prompt)):
         assert abs(response.prompt_logprobs[i] - reference[i - 1, prompt[i]].item()) < 1e-5
-        assert len(response.topk_prompt_logprobs[i]) == 2
+        top = response.topk_prompt_logprobs[i]
+        assert [t for t, _ in top] == reference[i - 1].topk(2).indices.tolist()
+        assert max(abs(lp - reference[i - 1, t].item()) for t, lp in top) < 1e-5
 
 
 async def test_logprobs_zero_gives_only_the_sampled_token(sampler):
@@ -63,6 +67,9 @@ async def test_logprobs_zero_gives_only_the_sampled_token(sampler):
     sequence = response.sequences[0]
     assert [len(row) for row in sequence.logprobs] == [1] * len(sequence.tokens)
     assert [row[0][0] for row in sequence.logprobs] == sequence.tokens
+    top4 = (await within(sampler.sample(chat('a'), {'max_tokens': 4, 'logprobs': 4, 'seed': 1}))).sequences[0]
+    assert top4.tokens == sequence.tokens
+    assert max(abs(row[0][1] - wide[0][1]) for row, wide in zip(sequence.logprobs, top4.logprobs)) < 1e-5
 
 
 MIXED = [
@@ -125,9 +132,10 @@ async def test_multi_token_stop_string_stops_and_is_cut_from_text(sampler):
                                                                    'include_stop_str_in_output': True})))
     assert kept.sequences[0].decoded == free.decoded[:cut + len(stop)]
 
-    streamed = ''
-    async for delta in sampler.stream(chat('def main():'), {**params, 'stop': [stop]}):
-        streamed += delta.text
+    async def streamed_text() -> str:
+        return ''.join([delta.text async for delta in sampler.stream(chat('def main():'), {**params, 'stop': [stop]})])
+
+    streamed = await within(streamed_text())
     assert streamed == stopped.decoded, 'a stream never shows the beginning of a stop string'
 
 

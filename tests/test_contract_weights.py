@@ -63,7 +63,9 @@ async def test_partial_update_changes_only_the_tensors_sent(synced, tiny_model_d
     expected = load_hf(tiny_model_dir)
     with torch.no_grad():
         expected.get_parameter(name).copy_(weights_of(tiny_model_b_dir)[name])
-    assert await greedy(synced) == [hf_greedy(expected, p, 16) for p in PROMPTS]
+    wanted = [hf_greedy(expected, p, 16) for p in PROMPTS]
+    assert wanted != [hf_greedy(load_hf(tiny_model_dir), p, 16) for p in PROMPTS], 'the tensor sent matters'
+    assert await greedy(synced) == wanted
 
 
 def _raising_midway(good: dict[str, torch.Tensor]):
@@ -73,7 +75,8 @@ def _raising_midway(good: dict[str, torch.Tensor]):
 
 @pytest.mark.parametrize('case', ['unknown name', 'wrong shape', 'integer dtype', 'source raises midway',
                                   'not a tensor'])
-async def test_a_failed_update_is_rolled_back_and_the_old_version_keeps_serving(synced, tiny_model_b_dir, case):
+async def test_a_failed_update_is_rolled_back_and_the_old_version_keeps_serving(synced, tiny_model_dir,
+                                                                                tiny_model_b_dir, case):
     good = weights_of(tiny_model_b_dir)
     q = 'model.layers.1.self_attn.q_proj.weight'
     payload = {
@@ -87,6 +90,12 @@ async def test_a_failed_update_is_rolled_back_and_the_old_version_keeps_serving(
     with pytest.raises(WeightUpdateError) as raised:
         await within(synced.update_weights(payload))
     assert case != 'source raises midway' or 'trainer crashed' in str(raised.value)
+    if case == 'source raises midway':  # applying the 5 tensors sent would show in the output
+        half_applied = load_hf(tiny_model_dir)
+        with torch.no_grad():
+            for name, tensor in list(good.items())[:5]:
+                half_applied.get_parameter(name).copy_(tensor)
+        assert [hf_greedy(half_applied, p, 16) for p in PROMPTS] != before
     assert case == 'source raises midway' or 'q_proj' in str(raised.value) or 'up_proj' in str(raised.value)
     assert synced.weight_version == version
     assert await greedy(synced) == before

@@ -69,7 +69,8 @@ def test_prompt_token_ids_accepts_features_tensors_and_trajectories(tokenizer):
     template = build_template('chatml', tokenizer)
     assert encode_input({'input_ids': torch.tensor([1, 2, 3])}, template, 100)[1] == [1, 2, 3]
     assert encode_input({'input_ids': [[4, 5]]}, template, 100)[1] == [4, 5]
-    assert encode_input({'messages': [{'role': 'user', 'content': 'x'}]}, template, 10**6)[1]
+    chatml = tokenizer.encode('<|im_start|>user\nx<|im_end|>\n<|im_start|>assistant\n', add_special_tokens=False)
+    assert encode_input({'messages': [{'role': 'user', 'content': 'x'}]}, template, 10**6)[1] == chatml
 
 
 def test_incremental_detokenizer_never_emits_a_broken_character(tokenizer):

@@ -7,6 +7,7 @@ import torch
 
 from twinkle_async import AsyncSampler
 
+from common import tree_rss_mib
 from conftest import ENGINES, within
 
 FRANCE = {'messages': [{'role': 'user', 'content': 'What is the capital of France?'}]}
@@ -43,13 +44,6 @@ def perturbed(model, seed: int) -> dict[str, torch.Tensor]:
     return weights
 
 
-def tree_rss() -> int:
-    """Resident memory of this process and every process it started (vLLM's engine core and workers)."""
-    import psutil
-    me = psutil.Process()
-    return sum(p.memory_info().rss for p in [me, *me.children(recursive=True)])
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize('engine', ENGINES)
 async def test_default_model_weight_updates_match_generate_and_leave_memory_flat(engine, hf_default):
@@ -68,8 +62,8 @@ async def test_default_model_weight_updates_match_generate_and_leave_memory_flat
         rss = []
         for i in range(20):
             await within(sampler.update_weights(original if i % 2 else noisy), 300)
-            rss.append(tree_rss())
-        print(f'{engine}: RSS over 20 updates (MiB): {[r // 2**20 for r in rss]}')
-        assert max(rss[2:]) - rss[1] < 200 * 2**20, 'memory grows with every update'
+            rss.append(tree_rss_mib())
+        print(f'{engine}: RSS over 20 updates (MiB): {[round(r) for r in rss]}')
+        assert max(rss[2:]) - rss[1] < 200, 'memory grows with every update (MiB)'
         assert (await within(sampler.sample(FRANCE, {'max_tokens': 40, 'temperature': 0}))).sequences[0].decoded \
             == 'The capital of France is Paris.'

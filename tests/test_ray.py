@@ -41,6 +41,13 @@ def status(sampler):
     return sampler._portal.call(sampler.async_sampler.replica_status)
 
 
+async def replicas_when(remote, condition):
+    """The replicas' statuses once ``condition`` holds for them (polled)."""
+    while not condition(statuses := await remote.async_sampler.replica_status()):
+        await asyncio.sleep(0.01)
+    return statuses
+
+
 def wait_until(condition, timeout: float = 120.0) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
@@ -73,6 +80,7 @@ def test_a_session_stays_on_one_replica(remote):
 
 def test_cancelled_remote_streams_and_calls_leave_no_request_behind(remote):
     long = {'max_tokens': 400, 'ignore_eos': True}
+    aborted_before = sum(s.aborted for s in status(remote))
     for i in range(8):
         stream = remote.stream({'input_ids': [5, 6, i + 7]}, long)
         for _ in range(i % 3 + 1):
@@ -81,14 +89,14 @@ def test_cancelled_remote_streams_and_calls_leave_no_request_behind(remote):
 
     async def cancel_a_call() -> None:
         task = asyncio.create_task(remote.async_sampler.sample([{'input_ids': [9, 9]}] * 4, long))
-        while sum(s.running for s in await remote.async_sampler.replica_status()) == 0:
-            await asyncio.sleep(0.01)
+        await within(replicas_when(remote, lambda statuses: sum(s.running for s in statuses) == 4))
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
 
     remote._portal.call(cancel_a_call)
     wait_until(lambda: all(s.running == 0 and s.used_slots == 0 for s in status(remote)), 60)
+    assert sum(s.aborted for s in status(remote)) - aborted_before == 8 + 4, 'each one was aborted, not finished'
 
 
 @pytest.mark.parametrize('retry', [True, False])
@@ -106,8 +114,7 @@ def test_a_killed_replica_fails_or_retries_and_comes_back_with_the_current_weigh
     async def batch_with_a_kill():
         batch = asyncio.create_task(sampler.sample([{'input_ids': [5, i]} for i in range(8)],
                                                    {'max_tokens': 300, 'ignore_eos': True}))
-        while min(s.running for s in await sampler.replica_status()) == 0:
-            await asyncio.sleep(0.01)
+        await within(replicas_when(remote, lambda statuses: min(s.running for s in statuses) > 0))
         ray.kill(sampler.replicas.actors[0])
         return await within(batch, 180)
 
@@ -119,7 +126,12 @@ def test_a_killed_replica_fails_or_retries_and_comes_back_with_the_current_weigh
             remote._portal.call(batch_with_a_kill)
     wait_until(lambda: len(status(remote)) == 2, 180)
     assert {(s.weight_version, tuple(s.adapters)) for s in status(remote)} == {(version, ('a',))}
-    assert remote.sample({'input_ids': [5, 6]}, {'max_tokens': 4}, adapter_name='a').sequences[0].tokens
+    served_before = {s.index: s.served for s in status(remote)}
+    both = remote.sample([{'input_ids': [5, 6]}] * 2, {'max_tokens': 4, 'temperature': 0, 'ignore_eos': True},
+                         adapter_name='a')  # a list is split over the replicas: the revived one serves half
+    assert all(s.served == served_before[s.index] + 1 for s in status(remote))
+    expected = hf_greedy(load_hf(tiny_model_dir, lora_dirs['a']), [5, 6], 4)
+    assert [r.sequences[0].tokens for r in both] == [expected, expected]
 
 
 def test_a_group_the_cluster_cannot_hold_fails_within_the_timeout(ray_cluster):

@@ -5,13 +5,10 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from pathlib import Path
 
 import pytest
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / 'benchmarks'))
-import run_all  # noqa: E402
+import run_all
 
 PNG = b'\x89PNG\r\n\x1a\n'
 

@@ -57,10 +57,9 @@ async def test_max_tokens_0_scores_the_prompt_like_a_full_forward_and_generates_
 
 async def test_scoring_needs_prompt_logprobs_and_cannot_stream(sampler):
     with pytest.raises(InvalidSamplingParamsError, match='max_tokens=0.*prompt_logprobs'):
-        await sampler.sample(chat('x'), {'max_tokens': 0})
+        await within(sampler.sample(chat('x'), {'max_tokens': 0}))
     with pytest.raises(InvalidSamplingParamsError, match='nothing to stream'):
-        async for _ in sampler.stream(chat('x'), {'max_tokens': 0, 'prompt_logprobs': 1}):
-            pass
+        await within(anext(sampler.stream(chat('x'), {'max_tokens': 0, 'prompt_logprobs': 1})))
 
 
 async def test_more_logprobs_than_max_logprobs_fail_alone_naming_the_bound(sampler):
@@ -170,9 +169,13 @@ async def test_reset_prefix_cache_empties_vllms_prefix_cache(vllm_sampler):
     await within(vllm_sampler.reset_encoder_cache())
 
 
-async def test_cache_resets_are_no_ops_on_the_torch_engine_and_unknown_kinds_fail(sampler):
-    for reset in (sampler.reset_prefix_cache, sampler.reset_mm_cache, sampler.reset_encoder_cache):
+async def test_cache_resets_are_no_ops_on_the_torch_engine_and_unknown_kinds_fail(torch_sampler):
+    greedy = {'max_tokens': 6, 'temperature': 0, 'ignore_eos': True}
+    before = (await within(torch_sampler.sample(chat('still up'), greedy))).sequences[0].tokens
+    stats = await within(torch_sampler.engine.stats())
+    for reset in (torch_sampler.reset_prefix_cache, torch_sampler.reset_mm_cache, torch_sampler.reset_encoder_cache):
         await within(reset())
     with pytest.raises(InvalidRequestError, match="'kv'"):
-        await sampler.reset_cache('kv')
-    assert (await within(sampler.sample(chat('still up'), {'max_tokens': 2}))).sequences[0].tokens
+        await within(torch_sampler.reset_cache('kv'))
+    assert await within(torch_sampler.engine.stats()) == stats, 'no step, abort or slot change'
+    assert (await within(torch_sampler.sample(chat('still up'), greedy))).sequences[0].tokens == before

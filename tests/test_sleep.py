@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 from twinkle_async import AsyncSampler
 from twinkle_async.errors import ConfigurationError, NotSupportedError
 
-from conftest import TINY_ENGINE_ARGS, within
+from conftest import TINY_ENGINE_ARGS, counters_when, within
 
 PROMPT = {'input_ids': [5, 6, 7, 8]}
 GREEDY = {'max_tokens': 12, 'temperature': 0, 'ignore_eos': True}
@@ -20,13 +20,6 @@ GREEDY = {'max_tokens': 12, 'temperature': 0, 'ignore_eos': True}
 async def torch_engine_sampler(tiny_model_dir):
     async with AsyncSampler(str(tiny_model_dir), engine='torch', engine_args=TINY_ENGINE_ARGS) as sampler:
         yield sampler
-
-
-async def counters_when(sampler, condition):
-    """The engine's counters once ``condition`` holds for them (polled: the request goes in through the loop)."""
-    while not condition(stats := await sampler.engine.stats()):
-        await asyncio.sleep(0.005)
-    return stats
 
 
 async def test_level_1_frees_the_kv_cache_and_requests_wait_for_wake_up(torch_engine_sampler):

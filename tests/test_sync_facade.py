@@ -31,16 +31,22 @@ def test_blocking_stream_matches_sample_and_can_stop_early(blocking_sampler):
     params = {'max_tokens': 10, 'temperature': 0, 'ignore_eos': True}
     tokens = [t for d in blocking_sampler.stream(chat('x = '), params) for t in d.token_ids]
     assert tokens == blocking_sampler.sample(chat('x = '), params).sequences[0].tokens
+    engine_stats = blocking_sampler.async_sampler.engine.stats
+    aborted_before = blocking_sampler._portal.call(engine_stats).aborted
     stream = blocking_sampler.stream(chat('y'), {'max_tokens': 200, 'ignore_eos': True})
     next(stream)
     stream.close()
-    stats = blocking_sampler._portal.call(blocking_sampler.async_sampler.engine.stats)
-    assert stats.used_slots == 0
+    stats = blocking_sampler._portal.call(engine_stats)
+    assert (stats.aborted - aborted_before, stats.running, stats.used_slots) == (1, 0, 0), 'closing aborted it'
 
 
 def test_set_template_by_name_and_unknown_name(blocking_sampler):
-    blocking_sampler.set_template('chatml')
-    assert blocking_sampler.sample(chat('q'), {'max_tokens': 2}).sequences
+    blocking_sampler.set_template('Template', default_system='S')
+    tokenizer = blocking_sampler.template.tokenizer
+    text = tokenizer.apply_chat_template([{'role': 'system', 'content': 'S'}, {'role': 'user', 'content': 'q'}],
+                                         tokenize=False, add_generation_prompt=True)
+    expected = tokenizer.encode(text, add_special_tokens=False)
+    assert blocking_sampler.sample(chat('q'), {'max_tokens': 2}).prompt_token_ids == expected
     with pytest.raises(TemplateNotFoundError, match='nope'):
         blocking_sampler.set_template('nope')
     blocking_sampler.set_template('default')

@@ -49,6 +49,15 @@ def test_every_name_builds_and_family_names_use_the_models_own_chat_template(tok
         build_template('Llama99Template', tokenizer)
 
 
+def test_chatml_renders_chatml_whatever_template_the_tokenizer_ships(tokenizer):
+    other = copy.deepcopy(tokenizer)
+    other.chat_template = TOOL_TEMPLATE
+    chat = {'messages': [{'role': 'system', 'content': 'S'}, {'role': 'user', 'content': 'hi'}]}
+    assert rendered(build_template('default', other), chat) == '<system>S</system>\n<user>hi</user>\n<assistant>'
+    assert rendered(build_template('chatml', other), chat) == \
+        '<|im_start|>system\nS<|im_end|>\n<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n'
+
+
 def test_a_template_is_built_from_a_model_id_as_twinkle_does(tiny_model_dir, tokenizer):
     template = Qwen3_5Template(str(tiny_model_dir), max_length=64, enable_thinking=False)
     template.truncation_strategy = 'delete'

@@ -74,13 +74,13 @@ async def test_adapter_path_loads_once_reloads_on_change_and_serves_the_peft_ada
     assert len(loads) == 2 and changed.sequences[0].tokens == hf_greedy(load_hf(tiny_model_dir, lora_dirs['a2']),
                                                                         prompt, 8)
     with pytest.raises(InvalidAdapterError, match='not a directory'):
-        await sampler.sample(chat('x'), greedy, adapter_path=str(tmp_path / 'missing'))
+        await within(sampler.sample(chat('x'), greedy, adapter_path=str(tmp_path / 'missing')))
     await within(sampler.remove_adapter(loads[0]))
 
 
 async def test_wake_up_checks_twinkles_tags(sampler):
     with pytest.raises(InvalidRequestError, match='gpu'):
-        await sampler.wake_up(tags=['gpu'])
+        await within(sampler.wake_up(tags=['gpu']))
 
 
 def snapshot(value) -> bytes:
@@ -104,9 +104,10 @@ async def test_inputs_are_never_modified_and_new_input_feature_carries_every_key
             continued = sequence.new_input_feature
             assert continued['input_ids'] == response.prompt_token_ids + sequence.tokens
             assert set(source) <= set(continued) and continued['length'] == len(continued['input_ids'])
-            assert continued['messages'][:len(source['messages'])] == source['messages'] or \
-                continued['messages'][0]['role'] == 'system'
-            assert continued['messages'][-1] == {'role': 'assistant', 'content': template.decode(sequence.tokens)}
+            reply = {'role': 'assistant', 'content': template.decode(sequence.tokens)}
+            assert continued['messages'] == [*source['messages'], reply]
+            for key in {'user_data', 'extra', 'tools'} & set(source):
+                assert continued[key] == source[key], key
             assert continued['labels'][len(response.prompt_token_ids) - 1:-1] == sequence.tokens
     assert responses[0].sequences[0].new_input_feature['extra'] == {'k': [1]}
     assert responses[1].sequences[0].new_input_feature['tools'] == trajectory['tools']

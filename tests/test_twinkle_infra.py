@@ -13,6 +13,7 @@ import twinkle_async
 from twinkle_async import DeviceGroup, DeviceMesh, get_device_placement, get_logger, initialize
 from twinkle_async.engines.torch.args import parse_engine_args
 from twinkle_async.errors import ConfigurationError, EngineArgsError, NotSupportedError
+from twinkle_async.mesh import with_tensor_parallel
 from twinkle_async.ray.cluster import actor_resources, bundle_for
 from twinkle_async.ray.remote_sampler import replica_tp_size
 
@@ -58,7 +59,13 @@ def test_replica_tensor_parallelism_follows_the_groups_workers():
     with pytest.raises(ConfigurationError, match='dp_size=4 replicas need 4 workers'):
         replica_tp_size(DeviceMesh.from_sizes(dp_size=4), 2, 1, 'vllm', 'g')
     with pytest.raises(NotSupportedError, match='torch engine'):
-        replica_tp_size(DeviceMesh.from_sizes(tp_size=2), 1, 2, 'torch', 'g')
+        with_tensor_parallel({}, 'torch', replica_tp_size(DeviceMesh.from_sizes(tp_size=2), 1, 2, 'torch', 'g'))
+
+
+def test_tp_size_becomes_vllms_tensor_parallel_size_unless_given():
+    assert with_tensor_parallel({}, 'vllm', 2) == {'tensor_parallel_size': 2}
+    assert with_tensor_parallel({'tensor_parallel_size': 1}, 'vllm', 2) == {'tensor_parallel_size': 1}
+    assert with_tensor_parallel({}, 'vllm', 1) == {} and with_tensor_parallel({}, 'torch', 1) == {}
 
 
 def draws() -> tuple:

@@ -16,12 +16,17 @@ import torch
 from twinkle_async.errors import InvalidAdapterError
 from twinkle_async.weights import TensorSpec
 
-__all__ = ['AdapterSpec', 'AdapterSource', 'load_adapter', 'check_fits', 'write_adapter', 'CONFIG_FILE',
-           'WEIGHTS_FILE']
+__all__ = ['BASE_MODEL', 'PEFT_BASE', 'AdapterSpec', 'AdapterSource', 'load_adapter', 'check_fits', 'write_adapter',
+           'CONFIG_FILE', 'WEIGHTS_FILE']
 
 CONFIG_FILE = 'adapter_config.json'
 WEIGHTS_FILE = 'adapter_model.safetensors'
 _NAME = re.compile(r'[A-Za-z0-9_-]{1,64}')
+
+BASE_MODEL = ''
+"""The adapter name that means the base model, no adapter (Twinkle's ``adapter_name=''``)."""
+PEFT_BASE = '__base__'
+"""PEFT's name for the base model in a mixed-adapter batch: no adapter may take it."""
 _PICKLE_FILES = ('adapter_model.bin', 'adapter_model.pt', 'adapter_model.pth')
 
 AdapterSource = Union[str, os.PathLike, Mapping[str, Any], Any]
@@ -52,7 +57,7 @@ def load_adapter(name: str, source: AdapterSource, tensors: Optional[Mapping[str
         InvalidAdapterError: no safetensors file (pickle checkpoints are refused), a config that is not
             LoRA, or tensors that are not LoRA A/B matrices.
     """
-    if not isinstance(name, str) or not _NAME.fullmatch(name) or name == '__base__':
+    if not isinstance(name, str) or not _NAME.fullmatch(name) or name == PEFT_BASE:
         raise InvalidAdapterError(f'adapter name must be letters, digits, "_" or "-", got {name!r}')
     if isinstance(source, (str, os.PathLike)):
         if tensors is not None:

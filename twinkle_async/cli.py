@@ -13,6 +13,7 @@ import asyncio
 import json
 import os
 import sys
+import typing
 from typing import Any, Optional, Sequence, TextIO
 
 from twinkle_async.cli_jsonl import chat_trajectory, run_file
@@ -26,8 +27,7 @@ __all__ = ['main', 'build_parser', 'sampling_overrides', 'engine_args_from', 'pa
 PROMPT_MAX_TOKENS = 256
 """``--max-tokens`` when sampling a single prompt and the flag is not given."""
 
-_SAMPLING_FLAGS = ('max_tokens', 'temperature', 'top_k', 'top_p', 'repetition_penalty', 'seed', 'stop',
-                   'logprobs', 'prompt_logprobs', 'num_samples', 'ignore_eos')
+_SAMPLING_FLAGS = tuple(SamplingParams.model_fields)
 _ENGINE_SHORTCUTS = ('dtype', 'max_model_len', 'max_num_seqs')
 
 
@@ -79,17 +79,23 @@ def _add_file_flags(group: argparse._ArgumentGroup) -> None:
 
 
 def _add_sampling_flags(group: argparse._ArgumentGroup) -> None:
-    group.add_argument('--max-tokens', type=int, help=f'tokens to generate (single prompt: {PROMPT_MAX_TOKENS})')
-    group.add_argument('--temperature', type=float, help='0 is greedy')
-    group.add_argument('--top-k', type=int)
-    group.add_argument('--top-p', type=float)
-    group.add_argument('--repetition-penalty', type=float)
-    group.add_argument('--seed', type=int, help='sample i of --num-samples uses seed + i')
-    group.add_argument('--stop', action='append', metavar='STRING', help='a stop string (repeatable)')
-    group.add_argument('--logprobs', type=int, metavar='K', help='sampled token logprob plus the top K')
-    group.add_argument('--prompt-logprobs', type=int, metavar='K')
-    group.add_argument('--num-samples', '-n', type=int, help='completions per input')
-    group.add_argument('--ignore-eos', action='store_true', default=None)
+    """One flag per ``SamplingParams`` field, its help the field's description."""
+    for name, field in SamplingParams.model_fields.items():
+        flags = ['--' + name.replace('_', '-'), *(['-n'] if name == 'num_samples' else [])]
+        help_text = field.description
+        if name == 'max_tokens':
+            help_text = f'{help_text} (single prompt: {PROMPT_MAX_TOKENS})'
+        if name == 'stop':
+            group.add_argument(*flags, action='append', metavar='STRING', help='a stop string (repeatable)')
+        elif field.annotation is bool:
+            group.add_argument(*flags, action='store_true', default=None, help=help_text)
+        else:
+            group.add_argument(*flags, type=_number_type(field.annotation), help=help_text)
+
+
+def _number_type(annotation: Any) -> type:
+    """``int`` or ``float`` out of ``int``, ``float`` or ``int | None``."""
+    return next(t for t in (int, float) if annotation is t or t in typing.get_args(annotation))
 
 
 def _add_engine_flags(group: argparse._ArgumentGroup) -> None:

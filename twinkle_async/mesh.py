@@ -11,7 +11,7 @@ from typing import Any, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from twinkle_async.errors import ConfigurationError
+from twinkle_async.errors import ConfigurationError, NotSupportedError
 
 __all__ = ['DeviceMesh', 'DeviceGroup', 'DEVICE_TYPES']
 
@@ -118,3 +118,17 @@ class DeviceGroup:
     def workers(self) -> int:
         """Workers (replica slots) of ``gpus_per_worker`` devices each."""
         return self.num_ranks // self.gpus_per_worker
+
+
+def with_tensor_parallel(engine_args: dict[str, Any], engine: str, tp_size: int) -> dict[str, Any]:
+    """``engine_args`` with vLLM's ``tensor_parallel_size`` set to ``tp_size`` (unless given already).
+
+    Raises:
+        NotSupportedError: ``tp_size > 1`` on the torch engine, which has no tensor parallelism.
+    """
+    if tp_size > 1 and engine == 'torch':
+        raise NotSupportedError(f'tp_size={tp_size}: the torch engine has no tensor parallelism; use the vllm '
+                                'engine (vLLMSampler)')
+    if tp_size > 1:
+        engine_args.setdefault('tensor_parallel_size', tp_size)
+    return engine_args

@@ -21,7 +21,6 @@ from twinkle_async.errors import (
     InvalidSamplingParamsError,
     ModelNotFoundError,
     PromptTooLongError,
-    TwinkleAsyncError,
     WeightUpdateError,
 )
 
@@ -58,7 +57,7 @@ REQUESTS = [  # (input, sampling params, error, words in the message)
     (chat('hi'), {'stop': 5}, InvalidSamplingParamsError, 'stop'),
     (chat('hi'), {'stop': [10**7]}, InvalidSamplingParamsError, 'stop'),
     (chat('hi'), {'num_samples': 0}, InvalidSamplingParamsError, 'num_samples'),
-    (chat('hi'), {'num_samples': 10**4}, TwinkleAsyncError, 'num_samples'),
+    (chat('hi'), {'num_samples': 10**4}, InvalidRequestError, 'num_samples=10000 exceeds'),
     (chat('hi'), 'not params', InvalidSamplingParamsError, 'sampling_params must be'),
 ]
 

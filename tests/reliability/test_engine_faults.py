@@ -26,7 +26,7 @@ from twinkle_async import AsyncSampler
 from twinkle_async.engines.torch.engine import THREAD_NAME
 from twinkle_async.errors import EngineDeadError
 
-from conftest import TINY_ENGINE_ARGS, chat, child_pids, start_long_stream, within
+from conftest import TINY_ENGINE_ARGS, chat, child_pids, start_stream, within
 from tiny_model import build_tiny_lora
 
 FAULT_ARGS = {'max_model_len': 256, 'max_num_seqs': 4}  # 4 running, the rest queued
@@ -271,7 +271,7 @@ async def test_torch_close_fails_open_requests_stops_the_thread_and_can_be_repea
     sampler = AsyncSampler(str(tiny_model_dir), engine='torch', engine_args=FAULT_ARGS)
     await within(sampler.start())
     assert len(torch_engine_threads(threads_before)) == 1
-    task = await start_long_stream(sampler, 'x', 240)
+    task, _ = await start_stream(sampler, chat('x'), {'max_tokens': 240, 'ignore_eos': True})
     await within(sampler.close())
     with pytest.raises(EngineDeadError):
         await within(task, 10)

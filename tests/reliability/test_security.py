@@ -320,24 +320,48 @@ def test_a_staging_dir_left_by_a_killed_converter_is_removed(models_dir, monkeyp
 
 
 _RACER = '''
-import pathlib, sys, time
+import fcntl, pathlib, sys, time, types
 from twinkle_async import models
 root, me = pathlib.Path(sys.argv[1]), sys.argv[2]
+other = '1' if me == '0' else '0'
+
+
+def wait_for(condition, what):
+    deadline = time.monotonic() + 120
+    while not condition():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.01)
+
+
+def converted_by(name):
+    log = root / 'conversions.log'
+    return log.exists() and name in log.read_text().split()
+
+
+def flock(handle, operation):
+    # the real lock; a process that finds it taken says so before waiting on it
+    if operation == fcntl.LOCK_EX:
+        try:
+            return fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            (root / f'blocked-{me}').touch()
+    return fcntl.flock(handle, operation)
+
 
 def dequantize(gguf_dir, staging):
     with open(root / 'conversions.log', 'a') as log:
         log.write(me + '\\n')
     (staging / 'config.json').write_text('{}')
-    time.sleep(1.0)  # long enough that the other process is waiting on the lock meanwhile
+    # finish only once the other process is blocked on the lock, or converting too (no lock: the bug)
+    wait_for(lambda: (root / f'blocked-{other}').exists() or converted_by(other), 'the other never tried')
     (staging / 'model.safetensors').write_bytes(b'weights')
+
 
 models._gguf_package_dir = lambda: root
 models._dequantize_into = dequantize
+models.fcntl = types.SimpleNamespace(LOCK_EX=fcntl.LOCK_EX, LOCK_UN=fcntl.LOCK_UN, flock=flock)
 (root / f'ready-{me}').touch()
-deadline = time.monotonic() + 120
-while not all((root / f'ready-{n}').exists() for n in '01'):
-    assert time.monotonic() < deadline, 'the other process never got ready'
-    time.sleep(0.01)
+wait_for(lambda: (root / f'ready-{other}').exists(), 'the other process never got ready')
 print(models.resolve_model(models.DEFAULT_MODEL))
 '''
 
@@ -364,7 +388,7 @@ def file_run(tiny_model_dir: Path, tmp_path: Path) -> tuple[list[str], Path]:
     source = tmp_path / 'in.jsonl'
     source.write_text('{"prompt": "hello"}\n')
     target = tmp_path / 'out.jsonl'
-    argv = ['sample', '-i', str(source), '-o', str(target), '--max-tokens', '2', '--no-progress',
+    argv = ['sample', '-i', str(source), '-o', str(target), '--max-tokens', '2', '--ignore-eos', '--no-progress',
             '--model', str(tiny_model_dir), '--max-model-len', '256']
     return argv, target
 
@@ -378,7 +402,7 @@ def test_the_cli_refuses_to_overwrite_an_output_file_without_overwrite(file_run,
     assert target.read_bytes() == b'precious rollouts\n'
     assert main([*argv, '--overwrite']) == 0
     rows = [json.loads(line) for line in target.read_text().splitlines()]
-    assert len(rows) == 1 and len(rows[0]['response']['sequences'][0]['tokens']) <= 2
+    assert len(rows) == 1 and len(rows[0]['response']['sequences'][0]['tokens']) == 2
 
 
 def test_the_cli_does_not_write_through_a_dangling_symlink(file_run, tmp_path, capsys):

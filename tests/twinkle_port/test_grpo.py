@@ -113,7 +113,8 @@ def test_cookbook_grpo_step(setup, hf_default):
         assert feature['input_ids'][:len(prompt['input_ids'])] == prompt['input_ids'] and len(completion) == length
         assert feature['messages'][-1] == {'role': 'assistant', 'content': sampler.template.decode(completion)}
         assert feature['user_data'] == prompt['user_data'] and feature['messages'][0]['content'] == SYSTEM_PROMPT
-        assert sum(1 for label in feature['labels'] if label != -100) == length
+        p = len(prompt['input_ids'])  # Twinkle's labels are rolled by one: labels[i] is the target of position i
+        assert list(feature['labels']) == [-100] * (p - 1) + completion + [-100]
         trainer = logprobs_of(hf_default, feature['input_ids'], len(prompt['input_ids']))
         assert np.abs(trainer.numpy() - np.array(logps)).max() < TOLERANCE, f'{name}: on-policy ratio is 1'
     assert len({tuple(f['input_ids']) for f in inputs[:NUM_GENERATIONS]}) > 1, 'a group holds different samples'

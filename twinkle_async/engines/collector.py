@@ -3,30 +3,25 @@
 from __future__ import annotations
 
 import asyncio
-from typing import Optional
+from typing import Generic, Optional, TypeVar
 
-from twinkle_async.engines.base import EngineOutput
+__all__ = ['OutputCollector']
 
-__all__ = ['RequestCollector']
+T = TypeVar('T')
 
 
-class RequestCollector:
-    """Buffers outputs so a lagging consumer takes everything pending in one ``get``."""
+class OutputCollector(Generic[T]):
+    """Buffers one request's outputs so a lagging consumer takes everything pending in one ``get``; after
+    ``fail`` the consumer gets what was pending, then the error."""
 
-    __slots__ = ('_pending', '_ready', '_error', '_unfinished')
+    __slots__ = ('_pending', '_ready', '_error')
 
-    def __init__(self, num_samples: int) -> None:
-        self._pending: list[EngineOutput] = []
+    def __init__(self) -> None:
+        self._pending: list[T] = []
         self._ready = asyncio.Event()
         self._error: Optional[BaseException] = None
-        self._unfinished = num_samples
 
-    @property
-    def finished(self) -> bool:
-        """Every sample's last output was handed to the consumer."""
-        return self._unfinished == 0
-
-    def put(self, output: EngineOutput) -> None:
+    def put(self, output: T) -> None:
         self._pending.append(output)
         self._ready.set()
 
@@ -34,13 +29,13 @@ class RequestCollector:
         self._error = error
         self._ready.set()
 
-    async def get(self) -> list[EngineOutput]:
+    async def get(self) -> list[T]:
         """Everything received since the last call (waits for at least one output)."""
-        if not self._pending and self._error is None:
+        while not self._pending and self._error is None:
             await self._ready.wait()
         self._ready.clear()
-        if self._error is not None and not self._pending:
+        if not self._pending:
+            assert self._error is not None
             raise self._error
         outputs, self._pending = self._pending, []
-        self._unfinished -= sum(1 for o in outputs if o.finish_reason is not None)
         return outputs

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any, AsyncIterator, Mapping, Optional, Sequence, Union
 
-from twinkle_async.adapters import AdapterSource, load_adapter
+from twinkle_async.adapters import BASE_MODEL, AdapterSource, load_adapter
 from twinkle_async.data_format.outputs import TokenDelta
 from twinkle_async.engines.base import CacheKind, PauseMode
 from twinkle_async.errors import (
@@ -20,7 +20,7 @@ from twinkle_async.errors import (
     TwinkleAsyncError,
     WeightUpdateError,
 )
-from twinkle_async.mesh import DeviceMesh
+from twinkle_async.mesh import DeviceMesh, with_tensor_parallel
 from twinkle_async.models import DEFAULT_MODEL, resolve_model
 from twinkle_async.ray.cluster import reserved_group
 from twinkle_async.ray.replicas import Op, ReplicaSet, ReplicaStatus
@@ -52,8 +52,7 @@ class RemoteSampler(AsyncSampler):
         super().__init__(model_id, engine, engine_args, template)
         group, mesh = reserved_group(remote_group), device_mesh or DeviceMesh()
         tp_size = replica_tp_size(mesh, group.workers, group.devices_per_worker, engine, remote_group)
-        if tp_size > 1:
-            self.engine_args.setdefault('tensor_parallel_size', tp_size)
+        with_tensor_parallel(self.engine_args, engine, tp_size)
         self.retry, self.coalesce_s = retry, coalesce_s
         self.replicas = ReplicaSet(group, mesh, (model_id, engine, self.engine_args, template))
         self._version = 0
@@ -175,7 +174,7 @@ class RemoteSampler(AsyncSampler):
         import ray
 
         async with self._model_lock:
-            self._check_adapter(adapter_name or '')
+            self._check_adapter(adapter_name or BASE_MODEL)
             new_version = next_version(self._version, version)
             tensors = await asyncio.to_thread(_materialize, weights)
             await self._apply(Op('update_weights', (ray.put(tensors), adapter_name, new_version),
@@ -241,7 +240,7 @@ def replica_tp_size(mesh: DeviceMesh, workers: int, devices: int, engine: str, g
 
     Raises:
         ConfigurationError: more replicas than the group has workers, or a ``tp_size`` other than 1 or the
-            worker's device count. NotSupportedError: tensor parallelism on the torch engine.
+            worker's device count.
     """
     if mesh.dp_size > workers:
         raise ConfigurationError(f'dp_size={mesh.dp_size} replicas need {mesh.dp_size} workers; group {group!r} has '
@@ -249,10 +248,7 @@ def replica_tp_size(mesh: DeviceMesh, workers: int, devices: int, engine: str, g
     if mesh.tp_size not in (1, devices):
         raise ConfigurationError(f'tp_size={mesh.tp_size}: a replica runs on one worker of group {group!r}, which has '
                                  f'{devices} device(s): set DeviceGroup(gpus_per_worker={mesh.tp_size})')
-    tp_size = mesh.tp_size if mesh.tp_size > 1 or engine == 'torch' else devices
-    if tp_size > 1 and engine == 'torch':
-        raise NotSupportedError(f'tp_size={tp_size}: the torch engine has no tensor parallelism')
-    return tp_size
+    return mesh.tp_size if mesh.tp_size > 1 or engine == 'torch' else devices
 
 
 def _load_tokenizer(model_dir: Any, trust_remote_code: bool) -> Any:

@@ -22,7 +22,8 @@ __all__ = ['ReplicaSet', 'ReplicaStatus', 'Op']
 
 @dataclass(frozen=True)
 class ReplicaStatus:
-    """One replica as it reports itself: engine counters, requests served, weight version, adapters."""
+    """One replica as it reports itself: engine counters (``aborted`` counts since the replica last started),
+    requests served, weight version, adapters."""
 
     index: int
     waiting: int
@@ -31,6 +32,7 @@ class ReplicaStatus:
     served: int
     weight_version: int
     adapters: list[str]
+    aborted: int
 
 
 @dataclass(frozen=True)
@@ -126,7 +128,7 @@ class ReplicaSet:
             if self.router.alive[index]:
                 stats, served, version, adapters = await self.call(index, 'status')
                 statuses.append(ReplicaStatus(index, stats.waiting, stats.running, stats.used_slots, served,
-                                              version, adapters))
+                                              version, adapters, stats.aborted))
         return statuses
 
     async def _launch(self, index: int) -> Any:

@@ -49,7 +49,7 @@ class Admission:
         if self.max_pending is not None and self.pending >= self.max_pending:
             raise OverloadedError(f'{self.pending} requests are in flight, the limit max_pending_requests='
                                   f'{self.max_pending}; retry later')
-        self.adapter_of[request.request_id] = request.adapter_name or ''
+        self.adapter_of[request.request_id] = request.adapter_name
         timer = None if timeout is None else asyncio.get_running_loop().call_later(
             timeout, self._abort, engine, request.request_id)
         try:

@@ -3,13 +3,22 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import uuid
 from pathlib import Path
-from typing import Any, AsyncIterator, Mapping, Optional, Sequence, Union
+from typing import Any, AsyncGenerator, AsyncIterator, Mapping, Optional, Sequence, Union
 
-from twinkle_async.adapters import AdapterSource, load_adapter
+from twinkle_async.adapters import BASE_MODEL, AdapterSource, load_adapter
 from twinkle_async.data_format.outputs import SampleResponse, TokenDelta
-from twinkle_async.engines.base import CACHE_KINDS, PAUSE_MODES, CacheKind, Engine, EngineRequest, PauseMode
+from twinkle_async.engines.base import (
+    CACHE_KINDS,
+    PAUSE_MODES,
+    CacheKind,
+    Engine,
+    EngineOutput,
+    EngineRequest,
+    PauseMode,
+)
 from twinkle_async.engines.factory import ENGINE_KINDS, create_engine
 from twinkle_async.errors import (
     AdapterNotFoundError,
@@ -19,7 +28,7 @@ from twinkle_async.errors import (
     TwinkleAsyncError,
 )
 from twinkle_async.infra import check_local_mesh
-from twinkle_async.mesh import DeviceMesh
+from twinkle_async.mesh import DeviceMesh, with_tensor_parallel
 from twinkle_async.models import DEFAULT_MODEL, resolve_model
 from twinkle_async.sampler.adapter_paths import AdapterPaths
 from twinkle_async.sampler.admission import Admission
@@ -68,7 +77,8 @@ class AsyncSampler:
             raise ConfigurationError(f'unknown engine {engine!r}; choose one of {ENGINE_KINDS}')
         self.model_id = model_id
         self.engine_kind = engine
-        self.engine_args = dict(engine_args or {})
+        tp_size = device_mesh.tp_size if device_mesh else 1
+        self.engine_args = with_tensor_parallel(dict(engine_args or {}), engine, tp_size)
         self._template_spec = template
         self._engine: Optional[Engine] = None
         self._template: Optional[Template] = None
@@ -199,13 +209,9 @@ class AsyncSampler:
         _, request = self._request(inputs, params, adapter_name)
         if request is None:  # the template's truncation_strategy='delete' dropped the prompt
             return
-        with self.admission.admit(self.engine, request, timeout):
-            generator = self.engine.generate(request)
-            try:
-                async for output in generator:
-                    yield to_delta(output)
-            finally:
-                await generator.aclose()
+        async with contextlib.aclosing(self._generate(request, timeout)) as outputs:
+            async for output in outputs:
+                yield to_delta(output)
 
     # -- adapters --
     async def add_adapter(self, name: str, source: AdapterSource,
@@ -271,9 +277,9 @@ class AsyncSampler:
             AdapterNotFoundError: ``adapter_name`` is not loaded.
         """
         async with self._model_lock:
-            self._check_adapter(adapter_name or '')
+            self._check_adapter(adapter_name or BASE_MODEL)
             new_version = next_version(self.engine.weight_version, version)
-            await self.engine.update_weights(weights, adapter_name or None, new_version)
+            await self.engine.update_weights(weights, adapter_name or BASE_MODEL, new_version)
             return new_version
 
     # -- pausing --
@@ -350,17 +356,21 @@ class AsyncSampler:
         if request is None:
             return empty_response()
         builder = ResponseBuilder(request.prompt_token_ids, request.params.num_samples, params.logprobs is not None)
-        with self.admission.admit(self.engine, request, timeout):
-            generator = self.engine.generate(request)
-            try:
-                async for output in generator:
-                    builder.add(output)
-            finally:
-                await generator.aclose()
+        async with contextlib.aclosing(self._generate(request, timeout)) as outputs:
+            async for output in outputs:
+                builder.add(output)
         if params.scoring:
             return builder.scored(params.num_samples, feature)
         template = self.template
         return builder.build(lambda tokens: template.concat_input_feature(feature, tokens))
+
+    async def _generate(self, request: EngineRequest, timeout: Optional[float]) -> AsyncGenerator[EngineOutput, None]:
+        """The engine's outputs for ``request`` while it holds an admission place; closing this generator early
+        (or the timeout) aborts the request."""
+        with self.admission.admit(self.engine, request, timeout):
+            async with contextlib.aclosing(self.engine.generate(request)) as outputs:
+                async for output in outputs:
+                    yield output
 
     def _request(self, item: InputLike, params: Any, adapter_name: str) -> tuple[Any, Optional[EngineRequest]]:
         """The input's prompt feature and the engine request for it (``None`` when the template dropped it)."""
@@ -370,7 +380,7 @@ class AsyncSampler:
         if feature is None:
             return None, None
         resolved = resolve_params(params, len(prompt), engine.max_model_len, engine.vocab_size, engine.max_logprobs)
-        return feature, EngineRequest(uuid.uuid4().hex, prompt, resolved, adapter_name or None)
+        return feature, EngineRequest(uuid.uuid4().hex, prompt, resolved, adapter_name)
 
 
 def streamable(params: Any) -> Any:

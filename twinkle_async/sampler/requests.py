@@ -96,9 +96,4 @@ def resolve_params(params: SamplingParams, prompt_len: int, max_model_len: int, 
     if params.scoring:  # one throw-away greedy token: engines compute prompt logprobs as part of a generation
         return RequestParams(max_tokens=1, temperature=0.0, prompt_logprobs=params.prompt_logprobs)
     room = max_model_len - prompt_len
-    return RequestParams(
-        max_tokens=min(params.max_tokens or room, room), temperature=params.temperature, top_k=params.top_k,
-        top_p=params.top_p, repetition_penalty=params.repetition_penalty, seed=params.seed,
-        stop_strings=params.stop_strings, stop_token_ids=params.stop_token_ids,
-        include_stop_str_in_output=params.include_stop_str_in_output, ignore_eos=params.ignore_eos,
-        logprobs=params.logprobs, prompt_logprobs=params.prompt_logprobs, num_samples=params.num_samples)
+    return RequestParams(**{**params.model_dump(), 'max_tokens': min(params.max_tokens or room, room)})

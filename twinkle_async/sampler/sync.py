@@ -8,7 +8,6 @@ from typing import Any, Iterator, Mapping, Optional, Type, Union
 from twinkle_async.adapters import AdapterSource
 from twinkle_async.data_format.outputs import SampleResponse, TokenDelta
 from twinkle_async.engines.base import PauseMode
-from twinkle_async.errors import NotSupportedError
 from twinkle_async.infra import check_local_mesh
 from twinkle_async.mesh import DeviceMesh
 from twinkle_async.models import DEFAULT_MODEL
@@ -32,7 +31,7 @@ class BlockingSampler(Sampler):
                  retry: bool = False, **kwargs: Any) -> None:
         check_local_mesh(device_mesh, remote_group)
         self.device_mesh = device_mesh or DeviceMesh()
-        engine_args = self._engine_args(engine_args, kwargs)
+        engine_args = {**(engine_args or {}), **kwargs}
         self.async_sampler: AsyncSampler
         if remote_group is None:
             self.async_sampler = AsyncSampler(model_id, engine=self.engine_kind, engine_args=engine_args,
@@ -48,9 +47,6 @@ class BlockingSampler(Sampler):
         except BaseException:
             self._finalizer()
             raise
-
-    def _engine_args(self, engine_args: Optional[Mapping[str, Any]], kwargs: dict[str, Any]) -> dict[str, Any]:
-        return {**(engine_args or {}), **kwargs}
 
     def sample(self, inputs: Inputs, sampling_params: ParamsLike = None, adapter_name: str = '',
                adapter_path: Optional[str] = None, *, num_samples: Optional[int] = None,
@@ -150,23 +146,11 @@ class TorchSampler(BlockingSampler):
 
     engine_kind = 'torch'
 
-    def _engine_args(self, engine_args: Optional[Mapping[str, Any]], kwargs: dict[str, Any]) -> dict[str, Any]:
-        if self.device_mesh.tp_size > 1:
-            raise NotSupportedError(f'tp_size={self.device_mesh.tp_size}: the torch engine has no tensor '
-                                    'parallelism; use vLLMSampler')
-        return super()._engine_args(engine_args, kwargs)
-
 
 class vLLMSampler(BlockingSampler):  # noqa: N801 - Twinkle's name
     """Blocking sampler on vLLM's ``AsyncLLM``; ``device_mesh.tp_size`` becomes ``tensor_parallel_size``."""
 
     engine_kind = 'vllm'
-
-    def _engine_args(self, engine_args: Optional[Mapping[str, Any]], kwargs: dict[str, Any]) -> dict[str, Any]:
-        merged = super()._engine_args(engine_args, kwargs)
-        if self.device_mesh.tp_size > 1:
-            merged.setdefault('tensor_parallel_size', self.device_mesh.tp_size)
-        return merged
 
 
 def _shutdown(portal: Portal, sampler: AsyncSampler) -> None:

@@ -7,6 +7,7 @@ from typing import Any, Literal, Mapping, Optional
 
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError
 
+from twinkle_async.data_format.validation import describe_validation_error
 from twinkle_async.engines.base import LogprobsMode
 from twinkle_async.errors import EngineArgsError
 
@@ -56,13 +57,8 @@ def parse_engine_args(engine_args: Optional[Mapping[str, Any]]) -> TorchEngineAr
     try:
         args = TorchEngineArgs(**user)
     except ValidationError as exc:
-        problems = []
-        for error in exc.errors():
-            key = '.'.join(str(loc) for loc in error['loc'])
-            reason = 'unknown engine_args key for the torch engine' if error['type'] == 'extra_forbidden' \
-                else error['msg']
-            problems.append(f'{key}: {reason} (got {error.get("input")!r})')
-        raise EngineArgsError('invalid engine_args: ' + '; '.join(problems)) from None
+        raise EngineArgsError(describe_validation_error(exc, 'engine_args',
+                                                        'unknown engine_args key for the torch engine')) from None
     if args.gpu_memory_utilization is not None:
         logger.warning('torch engine: gpu_memory_utilization=%s ignored (kv_cache_memory_bytes=%d sizes the KV cache)',
                        args.gpu_memory_utilization, args.kv_cache_memory_bytes)

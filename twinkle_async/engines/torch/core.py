@@ -56,9 +56,7 @@ class EngineCore:
         self.inbox: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
         self.scheduler = Scheduler(config.max_num_seqs, config.max_num_batched_tokens)
         self.table = SlotTable(config.max_num_seqs, text_config.vocab_size, device, config.seed)
-        self.cache = SlotKVCache(text_config.num_hidden_layers, config.max_num_seqs,
-                                 text_config.num_key_value_heads, _head_dim(text_config),
-                                 config.max_model_len, model.dtype, device)
+        self.cache = SlotKVCache.for_model(model, config.max_num_seqs, config.max_model_len, device)
         self.lora = LoraAdapters(model)
         self.runner = ModelRunner(self.lora, self.cache, self.table, device)
         self.processor = OutputProcessor(config.eos_token_ids, config.max_model_len)
@@ -66,6 +64,8 @@ class EngineCore:
         self.weight_version = 0
         self.pause_mode: Optional[PauseMode] = None
         self.held: dict[str, Request] = {}
+        self.aborted = 0
+        self.steps = 0
         self._on_drained: list[Callable[[], object]] = []
         self._stale_kv = False
         self._emit, self._fail = emit, fail
@@ -103,6 +103,7 @@ class EngineCore:
         """Decode every running sample, admit and prefill waiting requests, release finished slots."""
         if self._stale_kv:
             self._recompute()
+        self.steps += 1
         if self.scheduler.running:
             self._pending += self._decode()
             self._release_finished()
@@ -115,7 +116,8 @@ class EngineCore:
     def stats(self) -> EngineStats:
         s = self.scheduler
         return EngineStats(waiting=len(s.waiting) + len(self.held), running=len(s.requests) - len(s.waiting),
-                           used_slots=len(s.running), kv_usage=len(s.running) / s.num_slots)
+                           used_slots=len(s.running), kv_usage=len(s.running) / s.num_slots, steps=self.steps,
+                           aborted=self.aborted)
 
     def pause(self, mode: PauseMode, on_paused: Callable[[], object]) -> None:
         """Hold new requests; 'abort' ends those in flight, 'keep' freezes them, 'wait' lets them finish."""
@@ -198,16 +200,15 @@ class EngineCore:
             self.scheduler.finish(sample.request)
 
     def _drain_inbox(self, block: bool) -> None:
+        """Handle the commands waiting now (waiting for one if ``block``); those arriving meanwhile are handled
+        after the next step, so a stream of commands cannot hold stepping up."""
         try:
             command, payload = self.inbox.get(block=block)
         except queue.Empty:
             return
-        while True:
-            self._handle(command, payload)
-            try:
-                command, payload = self.inbox.get_nowait()
-            except queue.Empty:
-                return
+        self._handle(command, payload)
+        for _ in range(self.inbox.qsize()):
+            self._handle(*self.inbox.get_nowait())
 
     def _handle(self, command: str, payload: Any) -> None:
         if command == 'add':
@@ -231,8 +232,9 @@ class EngineCore:
 
     def _abort(self, request_id: str) -> None:
         request = self.held.pop(request_id, None) or self.scheduler.requests.get(request_id)
-        if request is None:
+        if request is None or request.finished:
             return
+        self.aborted += 1
         admitted = request not in self.scheduler.waiting and request_id in self.scheduler.requests
         for sample in request.samples:
             if sample.finish_reason is None:
@@ -265,6 +267,3 @@ def _flags(samples: list[Sample], processed_logprobs: bool) -> BatchFlags:
         any_top_k_top_p=any(p.top_k > 0 or p.top_p < 1.0 for p in params),
         max_logprobs=max(wanted, default=-1), processed_logprobs=processed_logprobs)
 
-
-def _head_dim(config: Any) -> int:
-    return getattr(config, 'head_dim', None) or config.hidden_size // config.num_attention_heads

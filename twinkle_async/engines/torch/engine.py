@@ -10,7 +10,7 @@ from typing import Any, AsyncGenerator, Callable, Mapping, Optional, TypeVar
 
 from twinkle_async.adapters import AdapterSpec, check_fits
 from twinkle_async.engines.base import CacheKind, EngineOutput, EngineRequest, EngineStats, PauseMode
-from twinkle_async.engines.collector import RequestCollector
+from twinkle_async.engines.collector import OutputCollector
 from twinkle_async.engines.torch.args import TorchEngineArgs, parse_engine_args
 from twinkle_async.engines.torch.core import CoreConfig, EngineCore
 from twinkle_async.engines.torch.kv_cache import SlotKVCache
@@ -42,7 +42,7 @@ class TorchEngine:
         self.max_model_len = max_model_len
         self.max_logprobs = args.max_logprobs
         self._loop = asyncio.get_running_loop()
-        self._collectors: dict[str, RequestCollector] = {}
+        self._collectors: dict[str, OutputCollector[EngineOutput]] = {}
         self._dead: Optional[BaseException] = None
         config = CoreConfig(args.max_num_seqs, max_model_len, args.max_num_batched_tokens, args.seed,
                             _eos_token_ids(model, tokenizer), args.logprobs_mode == 'processed_logprobs')
@@ -82,15 +82,18 @@ class TorchEngine:
         if request.params.num_samples > self.args.max_num_seqs:
             raise InvalidRequestError(f'num_samples={request.params.num_samples} exceeds this engine\'s '
                                       f'max_num_seqs={self.args.max_num_seqs}')
-        collector = RequestCollector(request.params.num_samples)
+        collector: OutputCollector[EngineOutput] = OutputCollector()
         self._collectors[request.request_id] = collector
         self.core.submit(request)
+        unfinished = request.params.num_samples
         try:
-            while not collector.finished:
-                for output in await collector.get():
+            while unfinished:
+                outputs = await collector.get()
+                unfinished -= sum(1 for o in outputs if o.finish_reason is not None)
+                for output in outputs:
                     yield output
         except BaseException:
-            if not collector.finished and not self.is_dead:
+            if unfinished and not self.is_dead:
                 self.core.abort(request.request_id)
             raise
         finally:
@@ -122,7 +125,7 @@ class TorchEngine:
         """Unload ``name``."""
         await self._call(lambda: self.core.lora.remove(name))
 
-    async def update_weights(self, weights: NamedTensors, adapter_name: Optional[str], version: int) -> None:
+    async def update_weights(self, weights: NamedTensors, adapter_name: str, version: int) -> None:
         """Check and stage every tensor (off the loop), then copy them in between two steps, all at once.
 
         Raises:
@@ -246,20 +249,14 @@ def _max_model_len(model: Any, args: TorchEngineArgs) -> int:
             raise EngineArgsError(f'max_model_len={args.max_model_len} exceeds the model\'s '
                                   f'max_position_embeddings={limit}')
         return args.max_model_len
-    fits_budget = args.kv_cache_memory_bytes // (_bytes_per_token(model) * args.max_num_seqs)
+    fits_budget = args.kv_cache_memory_bytes // (SlotKVCache.bytes_per_token(model) * args.max_num_seqs)
     max_model_len = min(limit, 2048, max(fits_budget // 256 * 256, 256))
     logger.info('torch engine: max_model_len=%d (max_num_seqs=%d)', max_model_len, args.max_num_seqs)
     return max_model_len
 
 
-def _bytes_per_token(model: Any) -> int:
-    config = model.config.get_text_config()
-    head_dim = getattr(config, 'head_dim', None) or config.hidden_size // config.num_attention_heads
-    return SlotKVCache.bytes_per_token(config.num_hidden_layers, config.num_key_value_heads, head_dim, model.dtype)
-
-
 def _check_kv_budget(model: Any, args: TorchEngineArgs, max_model_len: int) -> None:
-    needed = _bytes_per_token(model) * args.max_num_seqs * max_model_len
+    needed = SlotKVCache.bytes_per_token(model) * args.max_num_seqs * max_model_len
     if needed > args.kv_cache_memory_bytes:
         raise EngineArgsError(
             f'the KV cache for max_num_seqs={args.max_num_seqs} x max_model_len={max_model_len} needs '

@@ -7,6 +7,8 @@ sequence axis grows on demand up to ``max_len``, so memory follows the longest r
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 __all__ = ['SlotKVCache']
@@ -32,10 +34,17 @@ class SlotKVCache:
         self._read_rows = 0
         self._read_len = 0
 
+    @classmethod
+    def for_model(cls, model: Any, num_slots: int, max_len: int, device: torch.device) -> SlotKVCache:
+        """A cache shaped for ``model``'s layers, KV heads and head size, in its dtype."""
+        num_layers, num_kv_heads, head_dim = _kv_shape(model)
+        return cls(num_layers, num_slots, num_kv_heads, head_dim, max_len, model.dtype, device)
+
     @staticmethod
-    def bytes_per_token(num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
-        """Memory one cached token takes across all layers (keys and values)."""
-        return 2 * num_layers * num_kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
+    def bytes_per_token(model: Any) -> int:
+        """Memory one cached token of ``model`` takes across all layers (keys and values)."""
+        num_layers, num_kv_heads, head_dim = _kv_shape(model)
+        return 2 * num_layers * num_kv_heads * head_dim * torch.empty((), dtype=model.dtype).element_size()
 
     def ensure_capacity(self, length: int) -> None:
         """Grow every buffer so positions ``< length`` fit (never past ``max_len``)."""
@@ -87,3 +96,10 @@ class SlotKVCache:
         new = torch.zeros(shape, dtype=old.dtype, device=old.device)
         new[:, :, :old.shape[2]] = old
         return new
+
+
+def _kv_shape(model: Any) -> tuple[int, int, int]:
+    """Layers, KV heads and head size of an HF model (``head_dim`` when its config gives one)."""
+    config = model.config.get_text_config()
+    head_dim = getattr(config, 'head_dim', None) or config.hidden_size // config.num_attention_heads
+    return config.num_hidden_layers, config.num_key_value_heads, head_dim

@@ -10,13 +10,11 @@ from typing import Any
 
 import torch
 
-from twinkle_async.adapters import AdapterSpec
+from twinkle_async.adapters import PEFT_BASE, AdapterSpec
 from twinkle_async.errors import AdapterNotFoundError, InvalidAdapterError, WeightUpdateError
 from twinkle_async.weights import NamedTensors, TensorSpec, conformed
 
-__all__ = ['LoraAdapters', 'BASE']
-
-BASE = '__base__'  # PEFT's name for "no adapter" in a mixed batch
+__all__ = ['LoraAdapters']
 
 
 class LoraAdapters:
@@ -41,7 +39,9 @@ class LoraAdapters:
 
     def forward_kwargs(self, adapter_names: list[str], rows: int) -> dict[str, Any]:
         """PEFT's per-row adapter names for the first ``rows`` rows; nothing while no adapter is loaded."""
-        return {'adapter_names': adapter_names[:rows]} if self.peft is not None else {}
+        if self.peft is None:
+            return {}
+        return {'adapter_names': [name or PEFT_BASE for name in adapter_names[:rows]]}
 
     def add(self, spec: AdapterSpec) -> None:
         """Load ``spec`` (replacing an adapter of the same name).

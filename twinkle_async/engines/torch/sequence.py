@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
+from twinkle_async.adapters import BASE_MODEL
 from twinkle_async.data_format.outputs import LogprobRow, StopReason
 from twinkle_async.engines.base import EngineRequest, RequestParams
 from twinkle_async.template import IncrementalDetokenizer
@@ -47,14 +48,13 @@ class Request:
     request_id: str
     prompt_token_ids: list[int]
     params: RequestParams
-    adapter: str = '__base__'
+    adapter: str = BASE_MODEL
     samples: list[Sample] = field(default_factory=list)
     prompt_logprobs: Optional[list[Optional[LogprobRow]]] = None
 
     @classmethod
     def from_engine_request(cls, request: EngineRequest, tokenizer: object) -> Request:
-        state = cls(request.request_id, list(request.prompt_token_ids), request.params,
-                    request.adapter_name or '__base__')
+        state = cls(request.request_id, list(request.prompt_token_ids), request.params, request.adapter_name)
         state.samples = [Sample(state, i, IncrementalDetokenizer(tokenizer, state.prompt_token_ids))
                          for i in range(request.params.num_samples)]
         return state

@@ -6,6 +6,7 @@ from typing import Optional, Sequence
 
 import torch
 
+from twinkle_async.adapters import BASE_MODEL
 from twinkle_async.engines.base import RequestParams
 
 __all__ = ['SlotTable']
@@ -25,7 +26,7 @@ class SlotTable:
         self.penalty = torch.ones(num_slots, dtype=torch.float32, device=device)
         self.seen = torch.zeros((num_slots, vocab_size), dtype=torch.bool, device=device)
         self.generators: list[Optional[torch.Generator]] = [None] * num_slots
-        self.adapters: list[str] = ['__base__'] * num_slots
+        self.adapters: list[str] = [BASE_MODEL] * num_slots
         self.shared_generator = torch.Generator(device=device)
         self.shared_generator.manual_seed(seed)
         self._device = device

@@ -11,11 +11,12 @@ from typing import Any, AsyncGenerator, AsyncIterator, Awaitable, Iterator, Mapp
 
 from twinkle_async.adapters import AdapterSpec, check_fits
 from twinkle_async.engines.base import CacheKind, EngineOutput, EngineRequest, EngineStats, PauseMode
+from twinkle_async.engines.collector import OutputCollector
 from twinkle_async.engines.vllm.args import build_engine_args, cpu_environment
 from twinkle_async.engines.vllm.lora import LoraRegistry
 from twinkle_async.engines.vllm.outputs import to_engine_outputs, to_vllm_params
 from twinkle_async.engines.vllm.scheduler_stats import SchedulerSnapshot, snapshot_logger_factory
-from twinkle_async.engines.vllm.stamping import StampedQueue, VersionLabels
+from twinkle_async.engines.vllm.stamping import VersionLabels, stamped_collector
 from twinkle_async.engines.vllm.weight_sync import WeightSync
 from twinkle_async.errors import (
     ConfigurationError,
@@ -49,6 +50,8 @@ class VLLMEngine:
         self.loras = LoraRegistry(llm)
         self.weight_sync = WeightSync(llm, model_dir)
         self._user_paused = False
+        self._held: set[str] = set()  # requests added while the user paused generation: vLLM queues them
+        self._aborted = 0
         self._closed = False
 
     @classmethod
@@ -112,6 +115,7 @@ class VLLMEngine:
         try:
             while not finished:
                 for version, output in await queue.get():
+                    self._held.discard(request.request_id)
                     for engine_output in to_engine_outputs(request.request_id, output, request.params,
                                                            prompt_pending, version):
                         yield engine_output
@@ -125,15 +129,22 @@ class VLLMEngine:
                 raise
             raise translated from exc
         finally:
+            self._held.discard(request.request_id)
             if not finished and not self.is_dead:
                 await asyncio.shield(self.llm.abort(request.request_id))
 
-    async def _add(self, request: EngineRequest, prompt: Any, params: Any, lora_request: Any) -> StampedQueue:
+    async def _add(self, request: EngineRequest, prompt: Any, params: Any,
+                   lora_request: Any) -> OutputCollector[tuple[int, Any]]:
         try:
             vllm_queue = await self.llm.add_request(request.request_id, prompt, params, lora_request=lora_request)
         except Exception as exc:
             raise self._translate(exc) from exc
-        return StampedQueue(vllm_queue, self.labels)
+        if self._user_paused:
+            self._held.add(request.request_id)
+        return stamped_collector(vllm_queue, self.labels, self._count_abort)
+
+    def _count_abort(self) -> None:
+        self._aborted += 1
 
     async def abort(self, request_id: str) -> None:
         """End ``request_id`` early (its samples finish with 'abort')."""
@@ -141,12 +152,14 @@ class VLLMEngine:
             await self.llm.abort(request_id)
 
     async def stats(self) -> EngineStats:
-        """vLLM's own count of unfinished requests (the output processor's) and its scheduler's KV usage."""
+        """vLLM's own count of unfinished requests (the output processor's) less those held by a pause, and its
+        scheduler's KV usage and prefix-cache counts."""
         self._check_alive()
-        unfinished, snapshot = self.llm.get_num_unfinished_requests(), self.scheduler
-        return EngineStats(waiting=0, running=unfinished, used_slots=unfinished, kv_usage=snapshot.kv_usage,
-                           prefix_cache_queries=snapshot.prefix_cache_queries,
-                           prefix_cache_hits=snapshot.prefix_cache_hits)
+        unfinished, snapshot, held = self.llm.get_num_unfinished_requests(), self.scheduler, len(self._held)
+        return EngineStats(waiting=held, running=unfinished - held, used_slots=unfinished - held,
+                           kv_usage=snapshot.kv_usage, prefix_cache_queries=snapshot.prefix_cache_queries,
+                           prefix_cache_hits=snapshot.prefix_cache_hits, steps=snapshot.steps,
+                           aborted=self._aborted)
 
     @property
     def weight_version(self) -> int:
@@ -167,7 +180,7 @@ class VLLMEngine:
         self._check_alive()
         await self._unless_dead(self.loras.remove(name))
 
-    async def update_weights(self, weights: NamedTensors, adapter_name: Optional[str], version: int) -> None:
+    async def update_weights(self, weights: NamedTensors, adapter_name: str, version: int) -> None:
         """Stage in buckets, then apply with generation paused ('keep'): requests in flight are recomputed
         on the new weights and go on.
 
@@ -178,7 +191,7 @@ class VLLMEngine:
         self._check_alive()
         await self._unless_dead(self._update_weights(weights, adapter_name, version))
 
-    async def _update_weights(self, weights: NamedTensors, adapter_name: Optional[str], version: int) -> None:
+    async def _update_weights(self, weights: NamedTensors, adapter_name: str, version: int) -> None:
         if adapter_name:
             staged = await self.loras.stage(adapter_name, weights)
             apply = lambda: self.loras.apply(adapter_name, staged)  # noqa: E731
@@ -196,6 +209,7 @@ class VLLMEngine:
     async def resume(self) -> None:
         self._check_alive()
         self._user_paused = False
+        self._held.clear()
         await self._unless_dead(self.llm.resume_generation())
 
     async def sleep(self, level: int) -> None:

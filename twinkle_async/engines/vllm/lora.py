@@ -37,7 +37,7 @@ class LoraRegistry:
     def names(self) -> list[str]:
         return list(self.requests)
 
-    def request_for(self, name: Optional[str]) -> Any:
+    def request_for(self, name: str) -> Any:
         if not name:
             return None
         if name not in self.requests:

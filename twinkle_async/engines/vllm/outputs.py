@@ -14,12 +14,9 @@ def to_vllm_params(params: RequestParams, n: int) -> Any:
     from vllm import SamplingParams
     from vllm.sampling_params import RequestOutputKind
 
-    return SamplingParams(
-        n=n, max_tokens=params.max_tokens, temperature=params.temperature, top_k=params.top_k,
-        top_p=params.top_p, repetition_penalty=params.repetition_penalty, seed=params.seed,
-        stop=list(params.stop_strings) or None, stop_token_ids=list(params.stop_token_ids) or None,
-        include_stop_str_in_output=params.include_stop_str_in_output, ignore_eos=params.ignore_eos,
-        logprobs=params.logprobs, prompt_logprobs=params.prompt_logprobs, output_kind=RequestOutputKind.DELTA)
+    return SamplingParams(n=n, stop=list(params.stop_strings) or None,
+                          stop_token_ids=list(params.stop_token_ids) or None, output_kind=RequestOutputKind.DELTA,
+                          **params.model_dump(exclude={'num_samples', 'stop'}))
 
 
 def to_engine_outputs(request_id: str, output: Any, params: RequestParams, with_prompt: bool,

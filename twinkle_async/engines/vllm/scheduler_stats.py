@@ -21,6 +21,7 @@ class SchedulerSnapshot:
     kv_usage: float = 0.0
     prefix_cache_queries: int = 0  # prompt tokens looked up since start (summed over steps)
     prefix_cache_hits: int = 0
+    steps: int = 0  # steps whose outputs reached this process
 
 
 def snapshot_logger_factory(snapshot: SchedulerSnapshot) -> Any:
@@ -33,6 +34,8 @@ def snapshot_logger_factory(snapshot: SchedulerSnapshot) -> Any:
 
         def record(self, scheduler_stats: Any, iteration_stats: Any, mm_cache_stats: Any = None,
                    engine_idx: int = 0) -> None:
+            if iteration_stats is not None:  # vLLM makes one for each step with outputs
+                snapshot.steps += 1
             if scheduler_stats is not None:
                 snapshot.running = scheduler_stats.num_running_reqs
                 snapshot.waiting = scheduler_stats.num_waiting_reqs

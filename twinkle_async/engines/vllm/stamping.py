@@ -1,18 +1,19 @@
-"""Per-request output queues that remember which weight version produced each vLLM output.
+"""Per-request collectors that remember which weight version produced each vLLM output.
 
 vLLM's engine core labels every step's outputs with the weight version set by
 ``update_weight_version``; its output handler passes the label to ``process_outputs`` and then puts
 each request's ``RequestOutput`` in that request's queue. ``VersionLabels`` records the label of the
-outputs being processed, and ``StampedQueue`` (put in place of vLLM's per-request queue) stores it
+outputs being processed, and ``stamped_collector`` (put in place of vLLM's per-request queue) stores it
 with each output, without merging outputs of different versions.
 """
 
 from __future__ import annotations
 
-import asyncio
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
-__all__ = ['VersionLabels', 'StampedQueue']
+from twinkle_async.engines.collector import OutputCollector
+
+__all__ = ['VersionLabels', 'stamped_collector']
 
 
 class VersionLabels:
@@ -29,39 +30,30 @@ class VersionLabels:
         output_processor.process_outputs = labelled
 
 
-class StampedQueue:
-    """Replaces the ``put`` of one request's vLLM queue; ``get`` returns ``(version, output)`` pairs."""
+def stamped_collector(vllm_queue: Any, labels: VersionLabels,
+                      on_abort: Callable[[], object]) -> OutputCollector[tuple[int, Any]]:
+    """Takes over one request's vLLM queue: its outputs go to the returned collector as ``(version, output)``
+    pairs. ``on_abort`` runs once if vLLM ends the request with 'abort' (vLLM puts that output even after the
+    consumer has left)."""
+    collector: OutputCollector[tuple[int, Any]] = OutputCollector()
+    aborted = False
 
-    __slots__ = ('_labels', '_items', '_error', '_ready')
-
-    def __init__(self, vllm_queue: Any, labels: VersionLabels) -> None:
-        self._labels = labels
-        self._items: list[tuple[int, Any]] = []
-        self._error: Optional[BaseException] = None
-        self._ready = asyncio.Event()
-        pending = vllm_queue.output  # put before we took over (rare): same step, same label
-        vllm_queue.put = self.put
-        if pending is not None:
-            vllm_queue.output = None
-            self.put(pending)
-
-    def put(self, output: Any) -> None:
+    def put(output: Any) -> None:
+        nonlocal aborted
         if isinstance(output, BaseException):
-            self._error = output
-        else:
-            self._items.append((self._labels.current, output))
-        self._ready.set()
+            collector.fail(output)
+            return
+        collector.put((labels.current, output))
+        if not aborted and any(c.finish_reason == 'abort' for c in output.outputs):
+            aborted = True
+            on_abort()
 
-    async def get(self) -> list[tuple[int, Any]]:
-        """Every output received since the last call (waits for at least one)."""
-        while not self._items and self._error is None:
-            await self._ready.wait()
-        self._ready.clear()
-        if not self._items:
-            assert self._error is not None
-            raise self._error
-        items, self._items = self._items, []
-        return items
+    pending = vllm_queue.output  # put before we took over (rare): same step, same label
+    vllm_queue.put = put
+    if pending is not None:
+        vllm_queue.output = None
+        put(pending)
+    return collector
 
 
 def _parse(label: Optional[str], default: int) -> int:
