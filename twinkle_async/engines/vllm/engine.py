@@ -25,6 +25,7 @@ from twinkle_async.errors import (
     EngineError,
     InvalidRequestError,
     NotSupportedError,
+    TwinkleAsyncError,
 )
 from twinkle_async.models import require_safetensors
 from twinkle_async.weights import NamedTensors
@@ -109,10 +110,10 @@ class VLLMEngine:
         except (ValueError, VLLMClientError) as exc:  # vLLM's own checks, e.g. temperature in [0, 2]
             raise InvalidRequestError(f'vllm rejected the sampling parameters: {exc}') from exc
         lora_request = self.loras.request_for(request.adapter_name)
-        queue = await self._add(request, TokensPrompt(prompt_token_ids=request.prompt_token_ids), vllm_params,
-                                lora_request)
         prompt_pending, finished = True, False
-        try:
+        try:  # a cancellation while vLLM adds the request must abort it too
+            queue = await self._add(request, TokensPrompt(prompt_token_ids=request.prompt_token_ids), vllm_params,
+                                    lora_request)
             while not finished:
                 for version, output in await queue.get():
                     self._held.discard(request.request_id)
@@ -123,6 +124,8 @@ class VLLMEngine:
                             yield dataclasses.replace(engine_output, index=index, prompt_logprobs=None)
                     prompt_pending = prompt_pending and not output.prompt_logprobs
                     finished = output.finished
+        except TwinkleAsyncError:
+            raise
         except Exception as exc:  # vLLM raises its own types; callers see ours
             translated = self._translate(exc)
             if translated is exc:

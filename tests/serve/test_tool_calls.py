@@ -1,0 +1,56 @@
+"""Tool calls: a completion holding Hermes/Qwen ``<tool_call>`` JSON becomes OpenAI ``tool_calls`` (as the real
+``openai`` client parses them), and a conversation carrying calls and results reaches the model's chat template."""
+
+from __future__ import annotations
+
+import json
+
+from openai.types.chat import ChatCompletion
+from transformers import AutoTokenizer
+
+from twinkle_async.data_format.outputs import SampledSequence, SampleResponse
+from twinkle_async.serve import openai_format as fmt
+from twinkle_async.template import Template
+
+TOOL_TEXT = 'Let me add.<tool_call>\n{"name": "add", "arguments": {"a": 1, "b": 2}}\n</tool_call>'
+TOOL_TEMPLATE = (
+    "{% if tools %}TOOLS={{ tools | map(attribute='function.name') | join(',') }}\n{% endif %}"
+    "{% for m in messages %}<{{ m.role }}>{{ m.content }}"
+    "{% for c in m.tool_calls or [] %}[call {{ c.function.name }} {{ c.function.arguments | tojson }}]{% endfor %}"
+    "{% if m.tool_call_id %}[for {{ m.tool_call_id }}]{% endif %}</{{ m.role }}>\n{% endfor %}"
+    "{% if add_generation_prompt %}<assistant>{% endif %}"
+)
+ADD_TOOL = {'type': 'function', 'function': {'name': 'add', 'parameters': {'type': 'object', 'properties': {
+    'a': {'type': 'number'}, 'b': {'type': 'number'}}}}}
+
+
+def test_a_tool_call_in_the_output_is_an_openai_tool_call(tiny_model_dir):
+    template = Template(str(tiny_model_dir))
+
+    def parse_calls(text):
+        calls = template.parse_tool_call(text)
+        return (template.clean_tool_call(text) or None, calls) if calls else (text, [])
+
+    response = SampleResponse(sequences=[SampledSequence(stop_reason='stop', tokens=[1, 2], decoded=TOOL_TEXT)],
+                              prompt_token_ids=[5, 6, 7])
+    body = fmt.chat_body(response, 'tiny', template.decode, parse_calls, with_token_ids=False)
+    parsed = ChatCompletion.model_validate(body)  # what the openai client builds from the HTTP body
+    choice = parsed.choices[0]
+    assert choice.finish_reason == 'tool_calls' and choice.message.content == 'Let me add.'
+    (call,) = choice.message.tool_calls
+    assert call.type == 'function' and call.function.name == 'add' and call.id.startswith('call_')
+    assert json.loads(call.function.arguments) == {'a': 1, 'b': 2}
+    plain = fmt.chat_body(response, 'tiny', template.decode, None, with_token_ids=False)
+    assert plain['choices'][0]['message'] == {'role': 'assistant', 'content': TOOL_TEXT}, 'no tools offered'
+
+
+def test_the_calls_and_results_an_agent_sends_back_reach_the_chat_template(tiny_model_dir):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    template = Template(tokenizer, chat_template=TOOL_TEMPLATE)
+    call = {'id': 'call_1', 'type': 'function', 'function': {'name': 'add', 'arguments': '{"a": 1, "b": 2}'}}
+    messages = [{'role': 'user', 'content': '1+2?'}, {'role': 'assistant', 'content': None, 'tool_calls': [call]},
+                {'role': 'tool', 'tool_call_id': 'call_1', 'content': '3'}]
+    ids = template.encode({'messages': messages, 'tools': [ADD_TOOL]})['input_ids']
+    assert template.decode(ids, skip_special_tokens=False) == (
+        'TOOLS=add\n<user>1+2?</user>\n<assistant>[call add {"a": 1, "b": 2}]</assistant>\n'
+        '<tool>3[for call_1]</tool>\n<assistant>')
