@@ -90,3 +90,23 @@ async def test_agent_env_episodes_end_and_agents_share_batches(default_model_dir
     assert report['tool_calls'] >= 1 and 0 <= report['parse_failures'] <= report['tool_calls']
     assert 0 <= report['accuracy'] <= 1
     assert report['max_running'] > 1  # concurrent agents were in the engine's batch together
+
+
+# -- openai_agent: the agent against the gateway, on the default model --
+def test_openai_agent_exports_each_episodes_sampled_tokens_with_its_reward(tmp_path):
+    import asyncio
+    import json
+    openai_agent = load_example('openai_agent')
+    output = tmp_path / 'episodes.jsonl'
+    episodes = asyncio.run(openai_agent.amain(['--episodes', '3', '--max-turns', '2', '--max-tokens', '16',
+                                               '--output', str(output)]))
+    assert [json.loads(line) for line in output.read_text().splitlines()] == episodes
+    for episode in episodes:
+        assert episode['reward'] == float(episode['given'] == episode['answer'])
+        segments = episode['trajectory']['segments']
+        assert sum(sum(s['loss_mask']) for s in segments) == episode['completion_tokens'] > 0
+        for segment in segments:
+            assert len(segment['token_ids']) == len(segment['loss_mask']) == len(segment['logprobs']) \
+                == len(segment['weight_versions'])
+            for mask, version, logprob in zip(segment['loss_mask'], segment['weight_versions'], segment['logprobs']):
+                assert (version is None) == (logprob is None) == (mask == 0), 'recorded on sampled tokens only'

@@ -186,17 +186,21 @@ class _Gateway:
                 raise InvalidInputError('the conversation is longer than the template\'s max_length')
             rendered = list(feature['input_ids'])
         session = self.sessions.get_or_create(session_id) if session_id else None
+        asked_logprobs = params.logprobs is not None
+        if session is not None and not asked_logprobs:  # a session's trajectory records the sampled logprobs
+            params = params.model_copy(update={'logprobs': 0})
         prompt, segment = session.prompt_for(rendered, self._decode, self._encode) if session else (rendered, None)
         parse_calls = self._parse_calls if body.wants_tool_calls else None
         call = dict(sampling_params=params, adapter_name=adapter, session_id=session_id)
         if body.stream:
-            return _EventStream(_ChatStream(self, body, prompt, call, parse_calls, segment).run())
+            stream = _ChatStream(self, body, prompt, call, parse_calls, segment, asked_logprobs)
+            return _EventStream(stream.run())
         response = await self._sample(request, {'input_ids': prompt}, call)
         if segment is not None:
             first = response.sequences[0]
             segment.add_turn(prompt, first.tokens, first.logprobs, first.weight_versions, first.stop_reason)
         return fmt.chat_body(response, body.model or self.model_name, self._decode, parse_calls,
-                             body.return_token_ids)
+                             body.return_token_ids, asked_logprobs)
 
     async def completions(self, request: Request) -> Any:
         body = await self._parse(request, CompletionRequest)
@@ -257,9 +261,9 @@ class _ChatStream:
     """One streamed chat completion: role chunk, content deltas, finish (tool calls at the end when offered)."""
 
     def __init__(self, gateway: _Gateway, body: ChatCompletionRequest, prompt: list[int], call: dict[str, Any],
-                 parse_calls: Any, segment: Any) -> None:
+                 parse_calls: Any, segment: Any, with_logprobs: bool) -> None:
         self.gateway, self.body, self.prompt, self.call = gateway, body, prompt, call
-        self.parse_calls, self.segment = parse_calls, segment
+        self.parse_calls, self.segment, self.with_logprobs = parse_calls, segment, with_logprobs
         self.id, self.created, self.model = fmt.new_id('chatcmpl'), int(time.time()), body.model or gateway.model_name
 
     def _chunk(self, choices: list[dict[str, Any]], usage: Optional[dict[str, int]] = None) -> dict[str, Any]:
@@ -282,8 +286,9 @@ class _ChatStream:
                     tokens[i] += delta.token_ids
                     rows[i] += delta.logprobs or []
                     versions[i] += [delta.weight_version] * len(delta.token_ids)
-                    if self.parse_calls is None and (delta.text or delta.logprobs):
-                        yield self._chunk([self._content(i, delta.text, delta.logprobs)])
+                    shown = delta.logprobs if self.with_logprobs else None
+                    if self.parse_calls is None and (delta.text or shown):
+                        yield self._chunk([self._content(i, delta.text, shown)])
                     if delta.finish_reason is not None:
                         finishes[i] = delta.finish_reason
                         yield self._chunk([self._finish(i, texts[i], delta.finish_reason, tokens[i], versions[i])])

@@ -89,14 +89,15 @@ def finish_reason(sequence: SampledSequence) -> str:
 
 
 def chat_body(response: SampleResponse, model: str, decode: Decode, parse_calls: Optional[ParseCalls],
-              with_token_ids: bool) -> dict[str, Any]:
-    """A ``chat.completion`` object for ``response``."""
+              with_token_ids: bool, with_logprobs: bool = True) -> dict[str, Any]:
+    """A ``chat.completion`` object for ``response`` (its logprobs only ``with_logprobs``)."""
     choices = []
     for index, sequence in enumerate(response.sequences):
         message, calls_reason = chat_message(sequence.decoded or '', parse_calls)
         choice: dict[str, Any] = {'index': index, 'message': message,
                                   'finish_reason': calls_reason or finish_reason(sequence),
-                                  'logprobs': chat_logprobs(sequence.logprobs, decode) if sequence.logprobs else None}
+                                  'logprobs': chat_logprobs(sequence.logprobs, decode)
+                                  if sequence.logprobs and with_logprobs else None}
         if with_token_ids:
             choice.update(token_ids=sequence.tokens, weight_versions=sequence.weight_versions)
         choices.append(choice)
