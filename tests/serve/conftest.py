@@ -19,9 +19,9 @@ class Served:
     def __init__(self, sampler, base_url: str) -> None:
         self.sampler, self.base_url = sampler, base_url
 
-    def client(self, api_key: str = API_KEY, **kwargs):
+    def client(self, api_key: str = API_KEY, base_url: str = '', **kwargs):
         from openai import AsyncOpenAI
-        return AsyncOpenAI(base_url=self.base_url, api_key=api_key, max_retries=0, timeout=60, **kwargs)
+        return AsyncOpenAI(base_url=base_url or self.base_url, api_key=api_key, max_retries=0, timeout=60, **kwargs)
 
 
 @pytest_asyncio.fixture

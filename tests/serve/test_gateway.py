@@ -189,3 +189,13 @@ async def test_metrics_count_requests_and_tokens_and_show_the_weight_version(ser
     assert metric(after, 'twinkle_async_weight_version') == served.sampler.weight_version
     assert metric(after, 'twinkle_async_requests_in_flight') == 0
     assert 'twinkle_async_request_latency_seconds_bucket' in after and 'twinkle_async_kv_cache_usage' in after
+
+
+async def test_a_per_session_base_url_groups_calls_like_the_header(served):
+    root = served.base_url.removesuffix('/v1')
+    client = served.client(base_url=f'{root}/sessions/by-url/v1')
+    reply = await within(client.chat.completions.create(model='tiny', messages=CHAT,
+                                                        extra_body={'return_token_ids': True}, **GREEDY))
+    async with httpx.AsyncClient(base_url=served.base_url, headers={'Authorization': f'Bearer {API_KEY}'}) as http:
+        (segment,) = (await within(http.get('/sessions/by-url/trajectory'))).json()['segments']
+    assert segment['token_ids'] == reply.model_extra['prompt_token_ids'] + reply.choices[0].model_extra['token_ids']

@@ -27,7 +27,7 @@ from twinkle_async.serve import openai_format as fmt
 from twinkle_async.serve.errors import ApiError, from_exception, from_validation_error
 from twinkle_async.serve.metrics import GatewayMetrics
 from twinkle_async.serve.protocol import ChatCompletionRequest, CompletionRequest
-from twinkle_async.serve.sessions import Session, SessionStore
+from twinkle_async.serve.sessions import Segment, Session, SessionStore
 
 __all__ = ['create_app', 'MAX_BODY_BYTES']
 
@@ -190,15 +190,16 @@ class _Gateway:
         if session is not None and not asked_logprobs:  # a session's trajectory records the sampled logprobs
             params = params.model_copy(update={'logprobs': 0})
         prompt, segment = session.prompt_for(rendered, self._decode, self._encode) if session else (rendered, None)
+        turn = (session, segment) if session is not None and segment is not None else None
         parse_calls = self._parse_calls if body.wants_tool_calls else None
         call = dict(sampling_params=params, adapter_name=adapter, session_id=session_id)
         if body.stream:
-            stream = _ChatStream(self, body, prompt, call, parse_calls, segment, asked_logprobs)
+            stream = _ChatStream(self, body, prompt, call, parse_calls, turn, asked_logprobs)
             return _EventStream(stream.run())
         response = await self._sample(request, {'input_ids': prompt}, call)
-        if segment is not None:
+        if turn is not None:
             first = response.sequences[0]
-            segment.add_turn(prompt, first.tokens, first.logprobs, first.weight_versions, first.stop_reason)
+            turn[0].add_turn(turn[1], prompt, first.tokens, first.logprobs, first.weight_versions, first.stop_reason)
         return fmt.chat_body(response, body.model or self.model_name, self._decode, parse_calls,
                              body.return_token_ids, asked_logprobs)
 
@@ -261,9 +262,9 @@ class _ChatStream:
     """One streamed chat completion: role chunk, content deltas, finish (tool calls at the end when offered)."""
 
     def __init__(self, gateway: _Gateway, body: ChatCompletionRequest, prompt: list[int], call: dict[str, Any],
-                 parse_calls: Any, segment: Any, with_logprobs: bool) -> None:
+                 parse_calls: Any, turn: Optional[tuple[Session, Segment]], with_logprobs: bool) -> None:
         self.gateway, self.body, self.prompt, self.call = gateway, body, prompt, call
-        self.parse_calls, self.segment, self.with_logprobs = parse_calls, segment, with_logprobs
+        self.parse_calls, self.turn, self.with_logprobs = parse_calls, turn, with_logprobs
         self.id, self.created, self.model = fmt.new_id('chatcmpl'), int(time.time()), body.model or gateway.model_name
 
     def _chunk(self, choices: list[dict[str, Any]], usage: Optional[dict[str, int]] = None) -> dict[str, Any]:
@@ -293,8 +294,9 @@ class _ChatStream:
                         finishes[i] = delta.finish_reason
                         yield self._chunk([self._finish(i, texts[i], delta.finish_reason, tokens[i], versions[i])])
         self.gateway.metrics.tokens(len(self.prompt), sum(len(t) for t in tokens))
-        if self.segment is not None:
-            self.segment.add_turn(self.prompt, tokens[0], rows[0] or None, versions[0], finishes[0])
+        if self.turn is not None:
+            session, segment = self.turn
+            session.add_turn(segment, self.prompt, tokens[0], rows[0] or None, versions[0], finishes[0])
         if self.body.stream_options and self.body.stream_options.include_usage:
             yield self._chunk([], fmt.usage(len(self.prompt), sum(len(t) for t in tokens)))
 

@@ -59,7 +59,8 @@ class Session:
 
     def prompt_for(self, rendered: list[int], decode: Callable[[Sequence[int]], str],
                    encode: Callable[[str], list[int]]) -> tuple[list[int], Segment]:
-        """The ids to send for a turn rendered as ``rendered``, and the segment the turn belongs to."""
+        """The ids to send for a turn rendered as ``rendered``, and the segment the turn belongs to (a new one,
+        kept once the turn is recorded with :meth:`add_turn`)."""
         current = self.segments[-1] if self.segments else None
         if current is not None:
             done = current.token_ids
@@ -68,10 +69,15 @@ class Session:
             done_text, text = decode(done), decode(rendered)
             if text.startswith(done_text):
                 return done + encode(text[len(done_text):]), current
-            self.restarts += 1
-        segment = Segment()
-        self.segments.append(segment)
-        return rendered, segment
+        return rendered, Segment()
+
+    def add_turn(self, segment: Segment, prompt_ids: Sequence[int], tokens: Sequence[int],
+                 rows: Optional[Sequence[LogprobRow]], versions: Optional[Sequence[int]], finish_reason: str) -> None:
+        """Record a finished turn in ``segment`` (from :meth:`prompt_for`)."""
+        if not self.segments or segment is not self.segments[-1]:
+            self.restarts += bool(self.segments)
+            self.segments.append(segment)
+        segment.add_turn(prompt_ids, tokens, rows, versions, finish_reason)
 
     def as_dict(self) -> dict[str, Any]:
         return {'session_id': self.session_id, 'restarts': self.restarts,
