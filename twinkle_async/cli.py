@@ -71,6 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument('--host', default='127.0.0.1', help='address to bind (default 127.0.0.1: this machine only)')
     serve.add_argument('--port', type=int, default=8000, help='port (0: any free one; the URL is printed)')
     serve.add_argument('--api-key', help='require "Authorization: Bearer KEY" (also $TWINKLE_ASYNC_API_KEY)')
+    serve.add_argument('--ray', action='store_true', help='run the engine(s) as Ray actors (local Ray or $RAY_ADDRESS)')
+    serve.add_argument('--dp', type=_positive_int, default=1, help='data-parallel replicas (needs --ray); a session '
+                       'stays on one replica')
     _add_engine_flags(serve.add_argument_group('model and engine'))
     return parser
 
@@ -176,9 +179,13 @@ def _sample(args: argparse.Namespace) -> int:
 def _serve(args: argparse.Namespace) -> int:
     from twinkle_async.serve.server import serve
 
+    if args.dp > 1 and not args.ray:
+        print('error: --dp needs --ray (replicas run as Ray actors)', file=sys.stderr)
+        return 2
     api_key = args.api_key or os.environ.get('TWINKLE_ASYNC_API_KEY')
     _quiet_transformers()
-    asyncio.run(serve(args.model, args.engine, engine_args_from(args), args.host, args.port, api_key))
+    replicas = args.dp if args.ray else None
+    asyncio.run(serve(args.model, args.engine, engine_args_from(args), args.host, args.port, api_key, replicas))
     return 0
 
 

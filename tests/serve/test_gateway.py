@@ -199,3 +199,15 @@ async def test_a_per_session_base_url_groups_calls_like_the_header(served):
     async with httpx.AsyncClient(base_url=served.base_url, headers={'Authorization': f'Bearer {API_KEY}'}) as http:
         (segment,) = (await within(http.get('/sessions/by-url/trajectory'))).json()['segments']
     assert segment['token_ids'] == reply.model_extra['prompt_token_ids'] + reply.choices[0].model_extra['token_ids']
+
+
+async def test_with_tools_offered_a_stream_still_streams_text_that_holds_no_call(served):
+    tool = {'type': 'function', 'function': {'name': 'noop', 'parameters': {'type': 'object', 'properties': {}}}}
+    client = served.client()
+    whole = await within(client.chat.completions.create(model='tiny', messages=CHAT, tools=[tool], **GREEDY))
+    stream = await within(client.chat.completions.create(model='tiny', messages=CHAT, tools=[tool], stream=True,
+                                                         **GREEDY))
+    pieces = [c.choices[0].delta.content for c in [chunk async for chunk in stream] if c.choices]
+    assert ''.join(p or '' for p in pieces) == whole.choices[0].message.content
+    assert whole.choices[0].message.tool_calls is None
+    assert sum(1 for p in pieces if p) > 1, 'sent as it was generated, not all at the end'

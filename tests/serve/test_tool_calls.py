@@ -54,3 +54,11 @@ def test_the_calls_and_results_an_agent_sends_back_reach_the_chat_template(tiny_
     assert template.decode(ids, skip_special_tokens=False) == (
         'TOOLS=add\n<user>1+2?</user>\n<assistant>[call add {"a": 1, "b": 2}]</assistant>\n'
         '<tool>3[for call_1]</tool>\n<assistant>')
+
+
+def test_a_stream_holds_back_only_what_may_open_a_tool_call():
+    starts = ['<tool_call>']
+    assert fmt.shown_before_calls('Let me add.', starts) == 'Let me add.'
+    assert fmt.shown_before_calls('Let me add.<tool', starts) == 'Let me add.', 'maybe a call: held'
+    assert fmt.shown_before_calls('Let me add.<tool_call>{"na', starts) == 'Let me add.'
+    assert fmt.shown_before_calls('a < b', starts) == 'a < b' and fmt.shown_before_calls('a <', starts) == 'a '

@@ -28,6 +28,7 @@ from twinkle_async.serve.errors import ApiError, from_exception, from_validation
 from twinkle_async.serve.metrics import GatewayMetrics
 from twinkle_async.serve.protocol import ChatCompletionRequest, CompletionRequest
 from twinkle_async.serve.sessions import Segment, Session, SessionStore
+from twinkle_async.template import tool_parsers
 
 __all__ = ['create_app', 'MAX_BODY_BYTES']
 
@@ -265,6 +266,7 @@ class _ChatStream:
                  parse_calls: Any, turn: Optional[tuple[Session, Segment]], with_logprobs: bool) -> None:
         self.gateway, self.body, self.prompt, self.call = gateway, body, prompt, call
         self.parse_calls, self.turn, self.with_logprobs = parse_calls, turn, with_logprobs
+        self.call_starts = [parser.start for parser in tool_parsers()]
         self.id, self.created, self.model = fmt.new_id('chatcmpl'), int(time.time()), body.model or gateway.model_name
 
     def _chunk(self, choices: list[dict[str, Any]], usage: Optional[dict[str, int]] = None) -> dict[str, Any]:
@@ -272,7 +274,7 @@ class _ChatStream:
 
     async def run(self) -> AsyncGenerator[dict[str, Any], None]:
         n = self.body.n
-        texts, finishes = [''] * n, ['abort'] * n
+        texts, shown, finishes = [''] * n, [''] * n, ['abort'] * n
         tokens: list[list[int]] = [[] for _ in range(n)]
         rows: list[list[Any]] = [[] for _ in range(n)]
         versions: list[list[int]] = [[] for _ in range(n)]
@@ -287,12 +289,17 @@ class _ChatStream:
                     tokens[i] += delta.token_ids
                     rows[i] += delta.logprobs or []
                     versions[i] += [delta.weight_version] * len(delta.token_ids)
-                    shown = delta.logprobs if self.with_logprobs else None
-                    if self.parse_calls is None and (delta.text or shown):
-                        yield self._chunk([self._content(i, delta.text, shown)])
+                    text = delta.text
+                    if self.parse_calls is not None:  # hold back what may open a tool call
+                        text = fmt.shown_before_calls(texts[i], self.call_starts)[len(shown[i]):]
+                    shown[i] += text
+                    logprobs = delta.logprobs if self.with_logprobs else None
+                    if text or logprobs:
+                        yield self._chunk([self._content(i, text, logprobs)])
                     if delta.finish_reason is not None:
                         finishes[i] = delta.finish_reason
-                        yield self._chunk([self._finish(i, texts[i], delta.finish_reason, tokens[i], versions[i])])
+                        yield self._chunk([self._finish(i, texts[i], shown[i], delta.finish_reason, tokens[i],
+                                                        versions[i])])
         self.gateway.metrics.tokens(len(self.prompt), sum(len(t) for t in tokens))
         if self.turn is not None:
             session, segment = self.turn
@@ -306,11 +313,15 @@ class _ChatStream:
             choice['logprobs'] = fmt.chat_logprobs(logprobs, self.gateway._decode)
         return choice
 
-    def _finish(self, index: int, text: str, reason: str, tokens: list[int], versions: list[int]) -> dict[str, Any]:
+    def _finish(self, index: int, text: str, shown: str, reason: str, tokens: list[int],
+                versions: list[int]) -> dict[str, Any]:
         delta: dict[str, Any] = {}
-        if self.parse_calls is not None:
+        if self.parse_calls is not None:  # the rest of the content, and the calls
             message, calls_reason = fmt.chat_message(text, self.parse_calls)
-            delta = {key: value for key, value in message.items() if key != 'role'}
+            content = message.get('content') or ''
+            delta = {'content': content[len(shown):] if content.startswith(shown) else ''}
+            if calls_reason:
+                delta['tool_calls'] = [{'index': i, **call} for i, call in enumerate(message['tool_calls'])]
             reason = calls_reason or reason
         choice: dict[str, Any] = {'index': index, 'delta': delta, 'finish_reason': reason}
         if self.body.return_token_ids:

@@ -51,6 +51,15 @@ def chat_message(text: str, parse_calls: Optional[ParseCalls]) -> tuple[dict[str
     return {'role': 'assistant', 'content': text}, None
 
 
+def shown_before_calls(text: str, starts: Sequence[str]) -> str:
+    """The part of a streamed ``text`` that can be sent as content now: up to the first tool-call opening, less a
+    tail that may be the beginning of one."""
+    cut = min((at for at in (text.find(start) for start in starts) if at >= 0), default=len(text))
+    held = max((keep for start in starts for keep in range(1, len(start))
+                if cut == len(text) and text.endswith(start[:keep])), default=0)
+    return text[:cut - held]
+
+
 def openai_tool_calls(calls: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Parsed calls in OpenAI's shape: a fresh ``call_`` id each, ``arguments`` as a JSON string."""
     return [{'id': f'call_{uuid.uuid4().hex[:24]}', 'type': 'function',

@@ -20,14 +20,18 @@ LOCAL_HOSTS = ('127.0.0.1', 'localhost', '::1')
 
 
 async def serve(model: str, engine: str, engine_args: Mapping[str, Any], host: str = '127.0.0.1', port: int = 8000,
-                api_key: Optional[str] = None) -> None:
+                api_key: Optional[str] = None, ray_replicas: Optional[int] = None) -> None:
     """Serve ``model`` until interrupted; prints ``serving <model> at http://host:port/v1`` once ready. On
-    Ctrl-C (SIGINT/SIGTERM) the server stops taking requests, those in flight are aborted, the engine closes."""
+    Ctrl-C (SIGINT/SIGTERM) the server stops taking requests, those in flight are aborted, the engine closes.
+
+    Args:
+        ray_replicas: run that many engine replicas as Ray actors (one CPU or GPU each) instead of in process.
+    """
     import uvicorn
 
     if host not in LOCAL_HOSTS and not api_key:
         logger.warning('serving on %s without --api-key: anyone who can reach this address can use the model', host)
-    async with AsyncSampler(model, engine, engine_args) as sampler:
+    async with _sampler(model, engine, engine_args, ray_replicas) as sampler:
         config = uvicorn.Config(create_app(sampler, api_key=api_key, model_name=model), host=host, port=port,
                                 log_level='warning', timeout_graceful_shutdown=1)
         server = uvicorn.Server(config)
@@ -54,3 +58,17 @@ def _stop_on_signals(server: Any) -> Iterator[None]:
     finally:
         for number in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(number)
+
+
+def _sampler(model: str, engine: str, engine_args: Mapping[str, Any], ray_replicas: Optional[int]) -> AsyncSampler:
+    if ray_replicas is None:
+        return AsyncSampler(model, engine, engine_args)
+    import torch
+
+    from twinkle_async import DeviceGroup, DeviceMesh, initialize
+    from twinkle_async.ray.remote_sampler import RemoteSampler
+
+    device = 'cuda' if torch.cuda.is_available() else 'cpu'
+    initialize('ray', groups=[DeviceGroup(name='serve', ranks=ray_replicas, device_type=device)])
+    return RemoteSampler(model, engine, engine_args, remote_group='serve',
+                         device_mesh=DeviceMesh.from_sizes(dp_size=ray_replicas))

@@ -15,9 +15,10 @@ __all__ = ['ToolCallParser', 'HermesParser', 'register_tool_parser', 'tool_parse
 
 
 class ToolCallParser(Protocol):
-    """One tool-call format."""
+    """One tool-call format; ``start`` is the text that opens a call (a stream holds back what may begin it)."""
 
     name: str
+    start: str
 
     def detect(self, text: str) -> bool:
         """Cheap check: does ``text`` carry this format's markup?"""
@@ -33,6 +34,7 @@ class HermesParser:
     """``<tool_call>`` blocks holding JSON (Hermes, Qwen2.5/3) or ``<function=...>`` XML (Qwen3-Coder)."""
 
     name = 'hermes'
+    start = '<tool_call>'
     _BLOCK = re.compile(r'<tool_call>\s*([\s\S]*?)\s*(?:</tool_call>|\Z)')
     _FUNCTION = re.compile(r'<function=([^>]+)>([\s\S]*?)</function>')
     _PARAMETER = re.compile(r'<parameter=([^>]+)>\s*([\s\S]*?)\s*</parameter>')
