@@ -21,6 +21,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ValidationError
 
+from twinkle_async.adapters import BASE_MODEL
 from twinkle_async.data_format.outputs import SampleResponse
 from twinkle_async.errors import InvalidInputError, TwinkleAsyncError
 from twinkle_async.serve import openai_format as fmt
@@ -241,7 +242,7 @@ class _Gateway:
 
     def _adapter(self, model: Optional[str]) -> str:
         if model is None or model == self.model_name:
-            return ''
+            return BASE_MODEL
         if model in self.sampler.list_adapters():
             return model
         raise ApiError(404, f'model {model!r} is not served (serving {self.model_name!r} and adapters '

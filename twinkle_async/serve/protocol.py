@@ -50,4 +50,3 @@ class ChatCompletionRequest(_SamplingFields):
 class CompletionRequest(_SamplingFields):
     prompt: Union[str, list[int]]
     logprobs: Optional[int] = Field(default=None, ge=0)
-    echo: bool = False
