@@ -3,6 +3,7 @@ compared with the in-process sampler's (itself checked against HF generate elsew
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 import httpx
@@ -211,3 +212,19 @@ async def test_with_tools_offered_a_stream_still_streams_text_that_holds_no_call
     assert ''.join(p or '' for p in pieces) == whole.choices[0].message.content
     assert whole.choices[0].message.tool_calls is None
     assert sum(1 for p in pieces if p) > 1, 'sent as it was generated, not all at the end'
+
+
+async def test_requests_over_the_admission_bound_get_429(served):
+    sampler, client = served.sampler, served.client()
+    sampler.admission.max_pending = 1
+    await within(sampler.pause('abort'))
+    try:
+        held = asyncio.create_task(client.chat.completions.create(model='tiny', messages=CHAT, **GREEDY))
+        await within(counters_when(sampler, lambda s: s.waiting == 1))
+        with pytest.raises(openai.RateLimitError, match='max_pending_requests=1'):
+            await within(client.chat.completions.create(model='tiny', messages=CHAT, **GREEDY))
+    finally:
+        sampler.admission.max_pending = None
+        await within(sampler.resume())
+    expected = (await in_process(served, CHAT, **GREEDY)).sequences[0].decoded
+    assert (await within(held)).choices[0].message.content == expected
