@@ -59,8 +59,9 @@ async def test_wait_returns_once_requests_in_flight_have_finished(pausable):
     second = asyncio.create_task(pausable.sample({'input_ids': [9, 10]}, {**SHORT, 'max_tokens': 150}))
     await within(counters_when(pausable, lambda s: s.running == 2))
     await within(pausable.pause('wait'))
-    assert first.done() and second.done()
-    assert second.result().sequences[0].stop_reason == 'length'
+    await within(asyncio.gather(first, second))  # both end while paused: 'wait' let them finish ('keep' would not)
+    assert second.result().sequences[0].stop_reason == 'length' and len(second.result().sequences[0].tokens) == 150
+    assert (await within(pausable.engine.stats())).running == 0
     late = await held(pausable, {'input_ids': [5]})
     await within(pausable.resume())
     assert len((await within(late)).sequences[0].tokens) == 8
