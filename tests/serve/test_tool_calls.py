@@ -27,13 +27,9 @@ ADD_TOOL = {'type': 'function', 'function': {'name': 'add', 'parameters': {'type
 def test_a_tool_call_in_the_output_is_an_openai_tool_call(tiny_model_dir):
     template = Template(str(tiny_model_dir))
 
-    def parse_calls(text):
-        calls = template.parse_tool_call(text)
-        return (template.clean_tool_call(text) or None, calls) if calls else (text, [])
-
     response = SampleResponse(sequences=[SampledSequence(stop_reason='stop', tokens=[1, 2], decoded=TOOL_TEXT)],
                               prompt_token_ids=[5, 6, 7])
-    body = fmt.chat_body(response, 'tiny', template.decode, parse_calls, with_token_ids=False)
+    body = fmt.chat_body(response, 'tiny', template.decode, template.split_tool_calls, with_token_ids=False)
     parsed = ChatCompletion.model_validate(body)  # what the openai client builds from the HTTP body
     choice = parsed.choices[0]
     assert choice.finish_reason == 'tool_calls' and choice.message.content == 'Let me add.'

@@ -193,7 +193,7 @@ class _Gateway:
             params = params.model_copy(update={'logprobs': 0})
         prompt, segment = session.prompt_for(rendered, self._decode, self._encode) if session else (rendered, None)
         turn = (session, segment) if session is not None and segment is not None else None
-        parse_calls = self._parse_calls if body.wants_tool_calls else None
+        parse_calls = self.sampler.template.split_tool_calls if body.wants_tool_calls else None
         call = dict(sampling_params=params, adapter_name=adapter, session_id=session_id)
         if body.stream:
             stream = _ChatStream(self, body, prompt, call, parse_calls, turn, asked_logprobs)
@@ -253,11 +253,6 @@ class _Gateway:
 
     def _encode(self, text: str) -> list[int]:
         return list(self.sampler.template.tokenizer(text, add_special_tokens=False)['input_ids'])
-
-    def _parse_calls(self, text: str) -> tuple[Optional[str], list[dict[str, Any]]]:
-        template = self.sampler.template
-        calls = template.parse_tool_call(text)
-        return (template.clean_tool_call(text) or None, calls) if calls else (text, [])
 
 
 class _ChatStream:

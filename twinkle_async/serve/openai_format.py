@@ -8,7 +8,7 @@ import time
 import uuid
 from typing import Any, Callable, Optional, Sequence
 
-from twinkle_async.data_format.outputs import LogprobRow, SampledSequence, SampleResponse
+from twinkle_async.data_format.outputs import LogprobRow, SampleResponse
 from twinkle_async.data_format.sampling_params import SamplingParams
 from twinkle_async.serve.protocol import ChatCompletionRequest, CompletionRequest
 
@@ -16,7 +16,7 @@ __all__ = ['sampling_params', 'chat_message', 'chat_logprobs', 'completion_logpr
            'completion_body', 'chunk', 'usage', 'new_id']
 
 Decode = Callable[[Sequence[int]], str]
-ParseCalls = Callable[[str], tuple[Optional[str], list[dict[str, Any]]]]
+ParseCalls = Callable[[str], tuple[str, list[dict[str, Any]]]]
 
 
 def new_id(prefix: str) -> str:
@@ -47,7 +47,8 @@ def chat_message(text: str, parse_calls: Optional[ParseCalls]) -> tuple[dict[str
     if parse_calls is not None:
         content, calls = parse_calls(text)
         if calls:
-            return {'role': 'assistant', 'content': content, 'tool_calls': openai_tool_calls(calls)}, 'tool_calls'
+            message = {'role': 'assistant', 'content': content or None, 'tool_calls': openai_tool_calls(calls)}
+            return message, 'tool_calls'
     return {'role': 'assistant', 'content': text}, None
 
 
@@ -93,10 +94,6 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
             'total_tokens': prompt_tokens + completion_tokens}
 
 
-def finish_reason(sequence: SampledSequence) -> str:
-    return sequence.stop_reason
-
-
 def chat_body(response: SampleResponse, model: str, decode: Decode, parse_calls: Optional[ParseCalls],
               with_token_ids: bool, with_logprobs: bool = True) -> dict[str, Any]:
     """A ``chat.completion`` object for ``response`` (its logprobs only ``with_logprobs``)."""
@@ -104,7 +101,7 @@ def chat_body(response: SampleResponse, model: str, decode: Decode, parse_calls:
     for index, sequence in enumerate(response.sequences):
         message, calls_reason = chat_message(sequence.decoded or '', parse_calls)
         choice: dict[str, Any] = {'index': index, 'message': message,
-                                  'finish_reason': calls_reason or finish_reason(sequence),
+                                  'finish_reason': calls_reason or sequence.stop_reason,
                                   'logprobs': chat_logprobs(sequence.logprobs, decode)
                                   if sequence.logprobs and with_logprobs else None}
         if with_token_ids:
@@ -118,7 +115,7 @@ def completion_body(response: SampleResponse, model: str, decode: Decode, with_t
     choices = []
     for index, sequence in enumerate(response.sequences):
         choice: dict[str, Any] = {
-            'index': index, 'text': sequence.decoded or '', 'finish_reason': finish_reason(sequence),
+            'index': index, 'text': sequence.decoded or '', 'finish_reason': sequence.stop_reason,
             'logprobs': completion_logprobs(sequence.logprobs, decode) if sequence.logprobs else None}
         if with_token_ids:
             choice.update(token_ids=sequence.tokens, weight_versions=sequence.weight_versions)

@@ -117,6 +117,12 @@ class Template:
         parser = detect_tool_parser(text)
         return parser.clean(text) if parser else text
 
+    def split_tool_calls(self, text: str) -> tuple[str, list[dict[str, Any]]]:
+        """``(content, calls)``: ``text`` without tool-call markup and the calls in it, or ``(text, [])``."""
+        parser = detect_tool_parser(text)
+        calls = parser.parse(text) if parser else []
+        return (parser.clean(text), calls) if parser and calls else (text, [])
+
     def concat_input_feature(self, prompt_feature: InputFeature, new_tokens: Sequence[int]) -> InputFeature:
         """Twinkle's continuation: a copy of ``prompt_feature`` (every key) with ``input_ids`` = prompt +
         completion, ``labels`` extended by the completion (rolled, as Twinkle stores them), ``attention_mask``,
@@ -132,13 +138,13 @@ class Template:
 
     def _assistant_message(self, tokens: list[int], history: list[Any]) -> dict[str, Any]:
         text = self.decode(tokens)
-        calls = self.parse_tool_call(text)
+        content, calls = self.split_tool_calls(text)
         if not calls:
             return {'role': 'assistant', 'content': text}
         earlier = sum(len(m.get('tool_calls') or []) for m in history if isinstance(m, dict))
         for number, call in enumerate(calls, start=earlier):
             call['id'] = f'call_{number}'
-        return {'role': 'assistant', 'content': self.clean_tool_call(text), 'tool_calls': calls}
+        return {'role': 'assistant', 'content': content, 'tool_calls': calls}
 
     def _tokenize(self, feature: dict[str, Any], add_generation_prompt: bool) -> list[int]:
         if not self.use_chat_template:
