@@ -56,7 +56,7 @@ def blocking(request, tiny_model_dir):
     sampler.close()
 
 
-@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=80, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(request=REQUESTS)
 def test_fuzzed_requests_raise_only_our_errors_and_never_kill_the_engine(blocking, request):
     valid, item, params = request
