@@ -32,7 +32,6 @@ from loadgen import percentile  # noqa: E402
 
 WORDS = 'the a model token sampler engine batch weight update policy reward agent tool call answer ' \
         'number question step loss train value state action'.split()
-ENGINE_ARGS = {'max_model_len': 2048, 'max_num_seqs': 64}
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -75,9 +74,10 @@ async def over_http(base_url: str, model: str, messages: list[list[dict[str, str
     return await timed_all([call(c) for c in messages])
 
 
-async def in_process(model_dir: Path, engine: str, messages: list[list[dict[str, str]]], max_tokens: int) -> dict:
+async def in_process(model_dir: Path, engine: str, engine_args: dict[str, Any], messages: list[list[dict[str, str]]],
+                     max_tokens: int) -> dict:
     params = {'max_tokens': max_tokens, 'temperature': 0, 'ignore_eos': True}
-    async with ta.AsyncSampler(str(model_dir), engine, ENGINE_ARGS) as sampler:
+    async with ta.AsyncSampler(str(model_dir), engine, engine_args) as sampler:
         def call(chat: list[dict[str, str]]) -> Callable[[], Awaitable[int]]:
             async def run() -> int:
                 return len((await sampler.sample({'messages': chat}, params)).sequences[0].tokens)
@@ -121,12 +121,12 @@ async def with_server(command: list[str], port: int, run: Callable[[str], Awaita
             process.kill()
 
 
-def vllm_serve_command(model_dir: Path, port: int) -> list[str]:
+def vllm_serve_command(model_dir: Path, port: int, engine_args: dict[str, Any]) -> list[str]:
     """vLLM's OpenAI server on the settings ``VLLMEngine`` uses on CPU (float32, eager, no chunked prefill, LoRA on,
     512 MiB of KV cache), on the same max_model_len and max_num_seqs."""
     return [sys.executable, '-m', 'vllm.entrypoints.openai.api_server', '--model', str(model_dir),
             '--port', str(port), '--host', '127.0.0.1', '--dtype', 'float32', '--seed', '0', '--enforce-eager',
-            '--max-model-len', str(ENGINE_ARGS['max_model_len']), '--max-num-seqs', str(ENGINE_ARGS['max_num_seqs']),
+            '--max-model-len', str(engine_args['max_model_len']), '--max-num-seqs', str(engine_args['max_num_seqs']),
             '--no-enable-chunked-prefill', '--max-num-batched-tokens', '8192', '--kv-cache-memory-bytes',
             str(512 * 2**20), '--enable-lora', '--max-loras', '4', '--max-lora-rank', '16',
             '--disable-log-stats']
@@ -135,17 +135,18 @@ def vllm_serve_command(model_dir: Path, port: int) -> list[str]:
 async def run_all(args: Any) -> dict[str, dict]:
     model_dir = ta.resolve_model(args.model)
     messages = chats(args.concurrency, args.seed)
-    results = {'in-process sample': await in_process(model_dir, args.engine, messages, args.max_tokens)}
+    engine_args = {'max_model_len': args.max_model_len, 'max_num_seqs': args.concurrency}
+    results = {'in-process sample': await in_process(model_dir, args.engine, engine_args, messages, args.max_tokens)}
     port = free_port()
     ours = [sys.executable, '-m', 'twinkle_async', 'serve', '--model', str(model_dir), '--engine', args.engine,
-            '--port', str(port), '--max-model-len', str(ENGINE_ARGS['max_model_len']),
-            '--max-num-seqs', str(ENGINE_ARGS['max_num_seqs'])]
+            '--port', str(port), '--max-model-len', str(args.max_model_len),
+            '--max-num-seqs', str(args.concurrency)]
     results['twinkle-async serve'] = await with_server(
         ours, port, lambda url: over_http(url, str(model_dir), messages, args.max_tokens))
     if args.engine == 'vllm' and not args.skip_vllm_serve:
         port = free_port()
         results['vllm serve'] = await with_server(
-            vllm_serve_command(model_dir, port), port, lambda url: over_http(url, str(model_dir), messages,
+            vllm_serve_command(model_dir, port, engine_args), port, lambda url: over_http(url, str(model_dir), messages,
                                                                                args.max_tokens), CPU_ENVIRONMENT)
     return results
 
@@ -166,6 +167,8 @@ def main(argv: Optional[list[str]] = None) -> dict[str, dict]:
     parser.add_argument('--engine', choices=['torch', 'vllm'], default='vllm')
     parser.add_argument('--concurrency', type=int, default=64)
     parser.add_argument('--max-tokens', type=int, default=64)
+    parser.add_argument('--max-model-len', type=int, default=2048, help='the torch engine reserves KV for '
+                        'max_num_seqs x max_model_len: 512 fits its default budget at 64 requests')
     parser.add_argument('--seed', type=int, default=0)
     parser.add_argument('--skip-vllm-serve', action='store_true')
     args = parser.parse_args(argv)

@@ -67,3 +67,62 @@ def build_tiny_lora(model_dir: Path, directory: Path, shape: str, seed: int) -> 
                 parameter.normal_(0.0, 0.15)
     model.save_pretrained(directory)
     return directory
+
+
+TOOLS_CHAT_TEMPLATE = (
+    "{%- if tools %}<|im_start|>system\nTools:{% for tool in tools %}\n{{ tool.function.name }}: "
+    "{{ tool.function.parameters | tojson }}{% endfor %}\nCall one as <tool_call>\n"
+    "{\"name\": <name>, \"arguments\": <object>}\n</tool_call><|im_end|>\n{% endif %}"
+    "{%- for message in messages %}"
+    "{%- if message.role == 'tool' %}<|im_start|>user\n<tool_response>\n{{ message.content }}\n"
+    "</tool_response><|im_end|>\n"
+    "{%- else %}<|im_start|>{{ message.role }}\n{{ message.content }}"
+    "{%- for call in message.tool_calls or [] %}<tool_call>\n{\"name\": \"{{ call.function.name }}\", "
+    "\"arguments\": {{ call.function.arguments | tojson }}}\n</tool_call>{%- endfor %}<|im_end|>\n{% endif %}"
+    "{%- endfor %}{%- if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+"""A Qwen2.5-shaped chat template with tools: offered in a system turn, calls as ``<tool_call>`` JSON, results in
+``<tool_response>`` user turns."""
+
+
+def build_tool_model(model_dir: Path, directory: Path, lessons: list[tuple[dict, str]], max_steps: int = 600) -> Path:
+    """The tiny model with :data:`TOOLS_CHAT_TEMPLATE`, trained until its greedy reply to each lesson's trajectory
+    (rendered by that template, as the sampler renders it) is the lesson's text then end-of-turn."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from twinkle_async.template import Template
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tokenizer.chat_template = TOOLS_CHAT_TEMPLATE
+    template = Template(tokenizer)
+    examples = [(list(template.encode(trajectory)['input_ids']),
+                 tokenizer(text, add_special_tokens=False)['input_ids'] + [tokenizer.eos_token_id])
+                for trajectory, text in lessons]
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for step in range(max_steps):
+        model.train()
+        for prompt, reply in examples:
+            ids = torch.tensor([prompt + reply])
+            labels = torch.tensor([[-100] * len(prompt) + reply])
+            model(input_ids=ids, labels=labels).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        if step % 20 == 19 and all(_greedy(model, prompt, len(reply)) == reply for prompt, reply in examples):
+            break
+    else:
+        raise RuntimeError(f'the tool model did not learn its lessons in {max_steps} steps')
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.save_pretrained(directory, safe_serialization=True)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+def _greedy(model, prompt: list[int], new_tokens: int) -> list[int]:
+    import torch
+    model.eval()
+    with torch.no_grad():
+        out = model.generate(input_ids=torch.tensor([prompt]), max_new_tokens=new_tokens, do_sample=False)
+    return out[0, len(prompt):].tolist()

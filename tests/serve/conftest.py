@@ -24,8 +24,9 @@ class Served:
         return AsyncOpenAI(base_url=base_url or self.base_url, api_key=api_key, max_retries=0, timeout=60, **kwargs)
 
 
-@pytest_asyncio.fixture
-async def served(sampler) -> AsyncIterator[Served]:
+@contextlib.asynccontextmanager
+async def serving(sampler) -> AsyncIterator[Served]:
+    """``create_app(sampler)`` under a real uvicorn server on a free localhost port, until the block ends."""
     import uvicorn
     server = uvicorn.Server(uvicorn.Config(create_app(sampler, api_key=API_KEY, model_name='tiny'), host='127.0.0.1',
                                            port=0, log_level='warning'))
@@ -35,6 +36,14 @@ async def served(sampler) -> AsyncIterator[Served]:
         assert not running.done(), 'the server did not start'
         await asyncio.sleep(0.01)
     port = server.servers[0].sockets[0].getsockname()[1]
-    yield Served(sampler, f'http://127.0.0.1:{port}/v1')
-    server.should_exit = True
-    await asyncio.wait_for(running, 30)
+    try:
+        yield Served(sampler, f'http://127.0.0.1:{port}/v1')
+    finally:
+        server.should_exit = True
+        await asyncio.wait_for(running, 30)
+
+
+@pytest_asyncio.fixture
+async def served(sampler) -> AsyncIterator[Served]:
+    async with serving(sampler) as running:
+        yield running

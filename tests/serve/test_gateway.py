@@ -73,6 +73,14 @@ async def test_completions_take_text_or_token_ids(served):
     assert ''.join([c.choices[0].text async for c in streamed]) == expected.decoded
 
 
+async def test_max_tokens_past_the_context_is_cut_to_the_room_left_as_vllm_serve_does(served):
+    context = served.sampler.engine.max_model_len
+    prompt = list(range(10, 30))
+    reply = await within(served.client().completions.create(model='tiny', prompt=prompt, max_tokens=context,
+                                                            temperature=0, extra_body={'ignore_eos': True}), 120)
+    assert reply.usage.completion_tokens == context - len(prompt) and reply.choices[0].finish_reason == 'length'
+
+
 async def test_models_list_adapters_and_model_selects_one(served, lora_dirs):
     sampler = served.sampler
     await within(sampler.add_adapter('a', lora_dirs['a']))

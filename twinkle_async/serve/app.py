@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hmac
 import json
 import logging
@@ -218,7 +219,7 @@ class _Gateway:
 
     async def _sample(self, request: Any, inputs: dict[str, Any], call: dict[str, Any]) -> SampleResponse:
         with _typed_errors():
-            response: SampleResponse = await _unless_disconnected(request, self.sampler.sample(inputs, **call))
+            response: SampleResponse = await _unless_disconnected(request.receive, self.sampler.sample(inputs, **call))
         self.metrics.tokens(len(inputs['input_ids']), sum(len(s.tokens) for s in response.sequences))
         return response
 
@@ -255,8 +256,28 @@ class _Gateway:
         return list(self.sampler.template.tokenizer(text, add_special_tokens=False)['input_ids'])
 
 
+@dataclasses.dataclass
+class _StreamedChoice:
+    """What one streamed choice has produced so far."""
+
+    text: str = ''
+    shown: str = ''  # the content sent so far
+    tokens: list[int] = dataclasses.field(default_factory=list)
+    logprobs: list[Any] = dataclasses.field(default_factory=list)
+    versions: list[int] = dataclasses.field(default_factory=list)
+    finish_reason: str = 'abort'
+    calls: fmt.ToolCallDeltas = dataclasses.field(default_factory=fmt.ToolCallDeltas)
+
+    def add(self, delta: Any) -> None:
+        self.text += delta.text
+        self.tokens += delta.token_ids
+        self.logprobs += delta.logprobs or []
+        self.versions += [delta.weight_version] * len(delta.token_ids)
+
+
 class _ChatStream:
-    """One streamed chat completion: role chunk, content deltas, finish (tool calls at the end when offered)."""
+    """One streamed chat completion: a role chunk, then content and (when tools were offered) tool-call deltas
+    as OpenAI streams them, then each choice's finish."""
 
     def __init__(self, gateway: _Gateway, body: ChatCompletionRequest, prompt: list[int], call: dict[str, Any],
                  parse_calls: Any, turn: Optional[tuple[Session, Segment]], with_logprobs: bool) -> None:
@@ -269,60 +290,61 @@ class _ChatStream:
         return fmt.chunk('chat.completion.chunk', self.id, self.created, self.model, choices, usage)
 
     async def run(self) -> AsyncGenerator[dict[str, Any], None]:
-        n = self.body.n
-        texts, shown, finishes = [''] * n, [''] * n, ['abort'] * n
-        tokens: list[list[int]] = [[] for _ in range(n)]
-        rows: list[list[Any]] = [[] for _ in range(n)]
-        versions: list[list[int]] = [[] for _ in range(n)]
+        choices = [_StreamedChoice() for _ in range(self.body.n)]
         yield self._chunk([{'index': i, 'delta': {'role': 'assistant', 'content': ''}, 'finish_reason': None}
-                           for i in range(n)])
+                           for i in range(self.body.n)])
         with _typed_errors():
             stream = self.gateway.sampler.stream({'input_ids': self.prompt}, **self.call)
             async with contextlib.aclosing(stream) as deltas:
                 async for delta in deltas:
-                    i = delta.index
-                    texts[i] += delta.text
-                    tokens[i] += delta.token_ids
-                    rows[i] += delta.logprobs or []
-                    versions[i] += [delta.weight_version] * len(delta.token_ids)
-                    text = delta.text
-                    if self.parse_calls is not None:  # hold back what may open a tool call
-                        text = fmt.shown_before_calls(texts[i], self.call_starts)[len(shown[i]):]
-                    shown[i] += text
+                    choice = choices[delta.index]
+                    choice.add(delta)
+                    update = self._update(choice, delta.text, delta.finish_reason is not None)
                     logprobs = delta.logprobs if self.with_logprobs else None
-                    if text or logprobs:
-                        yield self._chunk([self._content(i, text, logprobs)])
+                    if update or logprobs:
+                        yield self._chunk([self._delta(delta.index, update, logprobs)])
                     if delta.finish_reason is not None:
-                        finishes[i] = delta.finish_reason
-                        yield self._chunk([self._finish(i, texts[i], shown[i], delta.finish_reason, tokens[i],
-                                                        versions[i])])
-        self.gateway.metrics.tokens(len(self.prompt), sum(len(t) for t in tokens))
+                        yield self._chunk([self._finish(delta.index, choice, delta.finish_reason)])
+        generated = sum(len(choice.tokens) for choice in choices)
+        self.gateway.metrics.tokens(len(self.prompt), generated)
         if self.turn is not None:
-            session, segment = self.turn
-            session.add_turn(segment, self.prompt, tokens[0], rows[0] or None, versions[0], finishes[0])
+            first = choices[0]
+            self.turn[0].add_turn(self.turn[1], self.prompt, first.tokens, first.logprobs or None, first.versions,
+                                  first.finish_reason)
         if self.body.stream_options and self.body.stream_options.include_usage:
-            yield self._chunk([], fmt.usage(len(self.prompt), sum(len(t) for t in tokens)))
+            yield self._chunk([], fmt.usage(len(self.prompt), generated))
 
-    def _content(self, index: int, text: str, logprobs: Any) -> dict[str, Any]:
-        choice: dict[str, Any] = {'index': index, 'delta': {'content': text}, 'finish_reason': None}
+    def _update(self, choice: _StreamedChoice, text: str, final: bool) -> dict[str, Any]:
+        """The delta's content (what may open a tool call held back) and tool-call deltas, when tools were offered."""
+        if self.parse_calls is None:
+            return {'content': text} if text else {}
+        update: dict[str, Any] = {}
+        if final:
+            content = self.parse_calls(choice.text)[0]
+            text = content[len(choice.shown):] if content.startswith(choice.shown) else ''
+        else:
+            text = fmt.shown_before_calls(choice.text, self.call_starts)[len(choice.shown):]
+        if text:
+            choice.shown += text
+            update['content'] = text
+        tool_calls = choice.calls.update(choice.text, final)
+        if tool_calls:
+            update['tool_calls'] = tool_calls
+        return update
+
+    def _delta(self, index: int, update: dict[str, Any], logprobs: Any) -> dict[str, Any]:
+        choice: dict[str, Any] = {'index': index, 'delta': update, 'finish_reason': None}
         if logprobs:
             choice['logprobs'] = fmt.chat_logprobs(logprobs, self.gateway._decode)
         return choice
 
-    def _finish(self, index: int, text: str, shown: str, reason: str, tokens: list[int],
-                versions: list[int]) -> dict[str, Any]:
-        delta: dict[str, Any] = {}
-        if self.parse_calls is not None:  # the rest of the content, and the calls
-            message, calls_reason = fmt.chat_message(text, self.parse_calls)
-            content = message.get('content') or ''
-            delta = {'content': content[len(shown):] if content.startswith(shown) else ''}
-            if calls_reason:
-                delta['tool_calls'] = [{'index': i, **call} for i, call in enumerate(message['tool_calls'])]
-            reason = calls_reason or reason
-        choice: dict[str, Any] = {'index': index, 'delta': delta, 'finish_reason': reason}
+    def _finish(self, index: int, choice: _StreamedChoice, reason: str) -> dict[str, Any]:
+        finish: dict[str, Any] = {'index': index, 'delta': {},
+                                  'finish_reason': 'tool_calls' if choice.calls.calls else reason}
+        choice.finish_reason = reason
         if self.body.return_token_ids:
-            choice.update(token_ids=tokens, weight_versions=versions)
-        return choice
+            finish.update(token_ids=choice.tokens, weight_versions=choice.versions)
+        return finish
 
 
 async def _completion_stream(gateway: _Gateway, body: CompletionRequest, prompt: list[int],
@@ -354,17 +376,21 @@ async def _sse(chunks: AsyncGenerator[dict[str, Any], None]) -> AsyncIterator[st
     yield 'data: [DONE]\n\n'
 
 
-async def _unless_disconnected(request: Any, work: Awaitable[T]) -> T:
-    """``await work``, cancelled (its requests aborted) as soon as the client disconnects."""
+async def _unless_disconnected(receive: Any, work: Awaitable[T]) -> T:
+    """``await work``, cancelled (its requests aborted) as soon as the client disconnects, or when this is.
+
+    Raises:
+        _ClientGone: the client disconnected first.
+    """
     task = asyncio.ensure_future(work)
-    gone = asyncio.ensure_future(_disconnect(request.receive))
+    gone = asyncio.ensure_future(_disconnect(receive))
     try:
         await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
     finally:
+        task.cancel()  # a no-op once done
         gone.cancel()
-    if not task.done():
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
+        await asyncio.gather(task, gone, return_exceptions=True)
+    if task.cancelled():
         raise _ClientGone()
     return task.result()
 
@@ -382,14 +408,11 @@ class _EventStream(StreamingResponse):
         super().__init__(_sse(chunks), media_type='text/event-stream')
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        streaming = asyncio.ensure_future(self.stream_response(send))
-        gone = asyncio.ensure_future(_disconnect(receive))
         try:
-            await asyncio.wait({streaming, gone}, return_when=asyncio.FIRST_COMPLETED)
+            await _unless_disconnected(receive, self.stream_response(send))
+        except _ClientGone:
+            pass
         finally:
-            for task in (streaming, gone):
-                task.cancel()
-            await asyncio.gather(streaming, gone, return_exceptions=True)
             await self.body_iterator.aclose()  # type: ignore[attr-defined]  # _sse is an async generator
 
 

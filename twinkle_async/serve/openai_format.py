@@ -11,9 +11,10 @@ from typing import Any, Callable, Optional, Sequence
 from twinkle_async.data_format.outputs import LogprobRow, SampleResponse
 from twinkle_async.data_format.sampling_params import SamplingParams
 from twinkle_async.serve.protocol import ChatCompletionRequest, CompletionRequest
+from twinkle_async.template.tool_parsers import detect_tool_parser, partial_marker
 
 __all__ = ['sampling_params', 'chat_message', 'chat_logprobs', 'completion_logprobs', 'chat_body',
-           'completion_body', 'chunk', 'usage', 'new_id']
+           'completion_body', 'chunk', 'usage', 'new_id', 'shown_before_calls', 'ToolCallDeltas']
 
 Decode = Callable[[Sequence[int]], str]
 ParseCalls = Callable[[str], tuple[str, list[dict[str, Any]]]]
@@ -56,17 +57,54 @@ def shown_before_calls(text: str, starts: Sequence[str]) -> str:
     """The part of a streamed ``text`` that can be sent as content now: up to the first tool-call opening, less a
     tail that may be the beginning of one."""
     cut = min((at for at in (text.find(start) for start in starts) if at >= 0), default=len(text))
-    held = max((keep for start in starts for keep in range(1, len(start))
-                if cut == len(text) and text.endswith(start[:keep])), default=0)
+    held = max((partial_marker(text, start) for start in starts), default=0) if cut == len(text) else 0
     return text[:cut - held]
+
+
+class ToolCallDeltas:
+    """The ``tool_calls`` deltas of one streamed choice, as OpenAI streams them: a call's first delta carries its
+    ``index``, ``id``, ``type`` and ``function.name`` (with the arguments so far), later ones only more
+    ``function.arguments`` text; concatenated per index they give the call. A call is announced once its name is
+    written; one whose block then turns out not to be a valid call (which the whole reply would leave as content)
+    cannot be taken back."""
+
+    def __init__(self) -> None:
+        self._sent: dict[int, tuple[int, str]] = {}  # call block -> (OpenAI index, arguments sent)
+
+    @property
+    def calls(self) -> int:
+        """How many calls were begun."""
+        return len(self._sent)
+
+    def update(self, text: str, final: bool = False) -> list[dict[str, Any]]:
+        """The deltas that ``text`` (the choice's whole text so far; ``final`` once complete) adds."""
+        parser = detect_tool_parser(text)
+        deltas: list[dict[str, Any]] = []
+        for block, call in enumerate(parser.partial_calls(text, final) if parser else []):
+            if call.name is None:
+                continue
+            if block not in self._sent:
+                self._sent[block] = (len(self._sent), call.arguments)
+                deltas.append({'index': self._sent[block][0], 'id': _call_id(), 'type': 'function',
+                               'function': {'name': call.name, 'arguments': call.arguments}})
+                continue
+            index, sent = self._sent[block]
+            if len(call.arguments) > len(sent) and call.arguments.startswith(sent):
+                self._sent[block] = (index, call.arguments)
+                deltas.append({'index': index, 'function': {'arguments': call.arguments[len(sent):]}})
+        return deltas
 
 
 def openai_tool_calls(calls: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Parsed calls in OpenAI's shape: a fresh ``call_`` id each, ``arguments`` as a JSON string."""
-    return [{'id': f'call_{uuid.uuid4().hex[:24]}', 'type': 'function',
+    return [{'id': _call_id(), 'type': 'function',
              'function': {'name': call['function']['name'],
                           'arguments': json.dumps(call['function']['arguments'], ensure_ascii=False)}}
             for call in calls]
+
+
+def _call_id() -> str:
+    return f'call_{uuid.uuid4().hex[:24]}'
 
 
 def chat_logprobs(rows: Sequence[LogprobRow], decode: Decode) -> dict[str, Any]:

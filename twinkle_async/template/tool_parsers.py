@@ -9,9 +9,21 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import dataclass
 from typing import Any, Optional, Protocol
 
-__all__ = ['ToolCallParser', 'HermesParser', 'register_tool_parser', 'tool_parsers', 'detect_tool_parser']
+__all__ = ['ToolCallParser', 'PartialCall', 'HermesParser', 'register_tool_parser', 'tool_parsers',
+           'detect_tool_parser', 'partial_marker']
+
+
+@dataclass(frozen=True)
+class PartialCall:
+    """One tool call as far as a growing text shows it, for streaming: ``name`` once known (``None`` before, and
+    for a closed block that is no valid call); ``arguments`` the JSON text so far, which later texts only extend."""
+
+    name: Optional[str]
+    arguments: str
+    closed: bool
 
 
 class ToolCallParser(Protocol):
@@ -29,6 +41,10 @@ class ToolCallParser(Protocol):
     def clean(self, text: str) -> str:
         """``text`` without this format's markup (the assistant message's content)."""
 
+    def partial_calls(self, text: str, final: bool) -> list[PartialCall]:
+        """One entry per call block begun in ``text`` (``final``: no more text will come); the closed blocks'
+        valid calls agree with :meth:`parse` (same names, same arguments once JSON-decoded)."""
+
 
 class HermesParser:
     """``<tool_call>`` blocks holding JSON (Hermes, Qwen2.5/3) or ``<function=...>`` XML (Qwen3-Coder)."""
@@ -39,6 +55,8 @@ class HermesParser:
     _FUNCTION = re.compile(r'<function=([^>]+)>([\s\S]*?)</function>')
     _PARAMETER = re.compile(r'<parameter=([^>]+)>\s*([\s\S]*?)\s*</parameter>')
     _STRIP = re.compile(r'<tool_call>[\s\S]*?(?:</tool_call>|\Z)')
+    _NAME_THEN_ARGUMENTS = re.compile(r'\{\s*"(?:name|tool_name)"\s*:\s*("(?:[^"\\]|\\.)*")\s*,\s*"arguments"\s*:\s*')
+    _OPENING_FUNCTION = re.compile(r'<function=([^>]+)>')
 
     def detect(self, text: str) -> bool:
         return '<tool_call>' in text
@@ -49,6 +67,32 @@ class HermesParser:
 
     def clean(self, text: str) -> str:
         return self._STRIP.sub('', text).strip()
+
+    def partial_calls(self, text: str, final: bool) -> list[PartialCall]:
+        return [self._partial_block(match.group(1), final or match.group(0).endswith('</tool_call>'))
+                for match in self._BLOCK.finditer(text)]
+
+    def _partial_block(self, block: str, closed: bool) -> PartialCall:
+        """JSON calls written name first stream their arguments as the model writes them (less a tail of spaces
+        and braces that may close the call); others appear whole when their block closes."""
+        head = self._NAME_THEN_ARGUMENTS.match(block)
+        raw = block[head.end():] if head else ''
+        if head and raw.lstrip()[:1] in ('', '{'):
+            name = json.loads(head.group(1))
+            if not closed:
+                raw = raw[:len(raw) - partial_marker(raw, '</tool_call>')]
+                return PartialCall(name, raw.rstrip(' \t\r\n}'), closed)
+            call, arguments = self._parse_block(block), raw.rstrip().removesuffix('}').rstrip()
+            if call is not None and _json_or_text(arguments) == call['function']['arguments']:
+                return PartialCall(name, arguments, closed)
+        elif not closed:
+            function = self._OPENING_FUNCTION.search(block)
+            return PartialCall(function.group(1).strip() if function else None, '', closed)
+        call = self._parse_block(block) if closed else None
+        if call is None:
+            return PartialCall(None, '', closed)
+        arguments = call['function']['arguments']
+        return PartialCall(call['function']['name'], json.dumps(arguments, ensure_ascii=False), closed)
 
     def _parse_block(self, block: str) -> Optional[dict[str, Any]]:
         function = self._FUNCTION.search(block)
@@ -85,6 +129,11 @@ def tool_parsers() -> list[ToolCallParser]:
 def detect_tool_parser(text: str) -> Optional[ToolCallParser]:
     """The first parser that recognises ``text``, or ``None``."""
     return next((p for p in _PARSERS if text and p.detect(text)), None)
+
+
+def partial_marker(text: str, marker: str) -> int:
+    """The length of the longest tail of ``text`` that may be the beginning of ``marker`` (0 if none)."""
+    return max((keep for keep in range(1, len(marker)) if text.endswith(marker[:keep])), default=0)
 
 
 def _call(name: str, arguments: dict[str, Any]) -> dict[str, Any]:
