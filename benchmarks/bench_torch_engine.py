@@ -3,13 +3,17 @@
 Systems (same model, dtype, prompts and per-request ``max_tokens``; greedy; EOS ignored so every
 request generates exactly its ``max_tokens``):
 
-  (a) ours       ``AsyncSampler(engine='torch')``, all requests submitted concurrently
-                 (``asyncio.gather`` of one ``sample`` call per request).
+  (a) ours       ``AsyncSampler(engine='torch')`` on its native runner (its own fused Llama-family model), all
+                 requests submitted concurrently (``asyncio.gather`` of one ``sample`` call per request).
+  (a') ours-hf   the same engine on its Hugging Face runner (``engine_args={'runner': 'hf'}``).
   (b) hf-static  ``model.generate`` in padded static batches of 8 (left padding); each batch runs to
                  the longest ``max_tokens`` in it, but only each request's own ``max_tokens`` count.
   (c) hf-cb      transformers' continuous batching (``ContinuousBatchingManager`` through
                  ``model.continuous_batching_context_manager``), one ``add_request`` per prompt with its
                  own ``max_new_tokens``; KV memory bounded explicitly (``num_blocks``, ``max_batch_tokens``).
+
+Next to them, the GEMM-only bound: the model's own projections and lm_head for one decode step at the batch
+size (min(requests, max_num_seqs)), timed alone in the same dtype and threads: no engine decodes faster.
 
 Workload: chat prompts of mixed length (~20-300 tokens, the default model's chat template) with mixed
 ``max_tokens`` (16-128), seeded. Models: ``tiny`` (a random 4-layer Llama, hidden 256, built here) and
@@ -89,8 +93,8 @@ async def _sample_all(sampler: Any, workload: Workload) -> list[list[int]]:
 
 
 async def _run_ours_async(model_dir: Path, workload: Workload, dtype: str, max_num_seqs: int,
-                          repeats: int) -> SystemResult:
-    engine_args = {'dtype': dtype, 'max_num_seqs': max_num_seqs}
+                          repeats: int, runner: str) -> SystemResult:
+    engine_args = {'dtype': dtype, 'max_num_seqs': max_num_seqs, 'runner': runner}
     best: Optional[tuple[list[list[int]], Stopwatch]] = None
     async with twinkle_async.AsyncSampler(str(model_dir), engine='torch', engine_args=engine_args) as sampler:
         await _sample_all(sampler, workload.head(2))
@@ -100,11 +104,32 @@ async def _run_ours_async(model_dir: Path, workload: Workload, dtype: str, max_n
             if best is None or watch.seconds < best[1].seconds:
                 best = (outputs, watch)
     assert best is not None
-    return _result('(a) ours torch engine', *best)
+    return _result('(a) ours, native runner' if runner == 'native' else "(a') ours, hf runner", *best)
 
 
-def run_ours(model_dir: Path, workload: Workload, dtype: str, max_num_seqs: int, repeats: int) -> SystemResult:
-    return asyncio.run(_run_ours_async(model_dir, workload, dtype, max_num_seqs, repeats))
+def run_ours(model_dir: Path, workload: Workload, dtype: str, max_num_seqs: int, repeats: int,
+             runner: str = 'native') -> SystemResult:
+    return asyncio.run(_run_ours_async(model_dir, workload, dtype, max_num_seqs, repeats, runner))
+
+
+def gemm_bound(model_dir: Path, dtype: str, batch: int, steps: int = 20) -> float:
+    """Tokens/s if a decode step cost only the model's GEMMs at ``batch`` rows (best of ``steps`` timings)."""
+    from transformers import AutoConfig
+
+    from twinkle_async.engines.torch.native.checkpoint import load_native
+
+    model = load_native(model_dir, AutoConfig.from_pretrained(model_dir), DTYPES[dtype], torch.device('cpu'), 16)
+    weights = [w for layer in model.layers for w in (layer.qkv.weight, layer.o_proj.weight, layer.gate_up.weight,
+                                                       layer.down_proj.weight)] + [model.lm_head.weight]
+    inputs = [torch.randn(batch, w.shape[1], dtype=w.dtype) for w in weights]
+    best = math.inf
+    with torch.inference_mode():
+        for _ in range(steps):
+            began = time.perf_counter()
+            for x, w in zip(inputs, weights):
+                torch.mm(x, w.T)
+            best = min(best, time.perf_counter() - began)
+    return batch / best
 
 
 def _result(system: str, outputs: list[list[int]], watch: Stopwatch) -> SystemResult:
@@ -207,26 +232,36 @@ def _ratio(value: float, base: Optional[float]) -> str:
     return f'{value / base:.2f}x' if base else '-'
 
 
-def report(model: str, dtype: str, workload: Workload, results: list[SystemResult]) -> dict[str, Any]:
+def report(model: str, dtype: str, workload: Workload, results: list[SystemResult], bound: float,
+           batch: int) -> dict[str, Any]:
     """Print one model's table and parity; return the same figures for JSON."""
-    static, cb = results[1].tokens_per_s, results[2].tokens_per_s
-    rows = [[r.system, r.tokens, r.seconds, r.tokens_per_s, _ratio(r.tokens_per_s, static), _ratio(r.tokens_per_s, cb),
-             f'{r.cpu_util:.2f}', f'{100 * r.cpu_stall:.0f}%'] for r in results]
+    by_label = {r.system[:4].strip(): r for r in results}
+    static = by_label['(b)'].tokens_per_s if '(b)' in by_label else None
+    cb = by_label['(c)'].tokens_per_s if '(c)' in by_label else None
+    rows = [[r.system, r.tokens, r.seconds, r.tokens_per_s, f'{r.tokens_per_s / bound:.2f}',
+             _ratio(r.tokens_per_s, static), _ratio(r.tokens_per_s, cb), f'{r.cpu_util:.2f}',
+             f'{100 * r.cpu_stall:.0f}%'] for r in results]
     print(f'\n=== model={model} dtype={dtype}: {workload.describe()}')
-    print(format_table(['system', 'tokens', 'seconds', 'tokens/s', 'vs (b)', 'vs (c)', 'cpu util', 'cpu stall'], rows))
+    print(f'GEMM-only bound at batch {batch}: {bound:.0f} tok/s')
+    print(format_table(['system', 'tokens', 'seconds', 'tokens/s', 'of bound', 'vs (b)', 'vs (c)', 'cpu util',
+                        'cpu stall'], rows))
     parity = {}
-    for other in (results[0], results[2]):
-        mismatches, first = count_mismatches(other.outputs, results[1].outputs)
+    reference = by_label.get('(b)', results[-1])
+    for other in (r for r in results if r is not reference):
+        mismatches, first = count_mismatches(other.outputs, reference.outputs)
         parity[other.system] = {'mismatched_requests': mismatches, 'first_diff_position': first}
         where = f' (first request\'s first differing token at position {first})' if mismatches else ''
-        print(f'parity {other.system[:3]} vs (b): {mismatches}/{len(workload)} requests differ{where}')
+        print(f'parity {other.system[:4]} vs {reference.system[:4]}: {mismatches}/{len(workload)} requests '
+              f'differ{where}')
     for r in results:
         wrong = [i for i, (out, m) in enumerate(zip(r.outputs, workload.max_tokens)) if len(out) != m]
         if wrong:
             print(f'WARNING {r.system}: {len(wrong)} requests did not generate exactly max_tokens (e.g. #{wrong[0]})')
-    return {'model': model, 'dtype': dtype, 'workload': workload.describe(), 'parity_vs_b': parity,
+    return {'model': model, 'dtype': dtype, 'workload': workload.describe(), 'parity': parity,
+            'gemm_bound_tokens_per_s': bound, 'gemm_bound_batch': batch,
             'systems': [{'system': r.system, 'tokens': r.tokens, 'seconds': r.seconds, 'tokens_per_s': r.tokens_per_s,
-                         'vs_b': r.tokens_per_s / static, 'vs_c': r.tokens_per_s / cb, 'cpu_seconds': r.cpu_seconds,
+                         'of_bound': r.tokens_per_s / bound, 'vs_b': r.tokens_per_s / static if static else None,
+                         'vs_c': r.tokens_per_s / cb if cb else None, 'cpu_seconds': r.cpu_seconds,
                          'cpu_stall': r.cpu_stall}
                         for r in results]}
 
@@ -235,16 +270,25 @@ def run_model(name: str, model_dir: Path, workload: Workload, args: argparse.Nam
     print(f'\n--- {name}: {model_dir}', flush=True)
     results = []
     n, r = args.max_num_seqs, args.repeats
-    for label, run in (('a', lambda: run_ours(model_dir, workload, args.dtype, n, r)),
+    for label, run in (('a', lambda: run_ours(model_dir, workload, args.dtype, n, r, 'native')),
+                       ("a'", lambda: run_ours(model_dir, workload, args.dtype, n, r, 'hf')),
                        ('b', lambda: run_hf_static(model_dir, workload, args.dtype, pad_id, r)),
                        ('c', lambda: run_hf_cb(model_dir, workload, args.dtype, n, pad_id, r))):
+        if args.skip_baselines and label in ('b', 'c'):
+            continue
         pressure = wait_for_quiet_cpu(args.max_cpu_pressure, args.quiet_wait)
         result = run()
         print(f'  ({label}) {result.tokens} tokens in {result.seconds:.1f} s = {result.tokens_per_s:.1f} tok/s, '
               f'cpu util {result.cpu_util:.2f}, cpu stall {100 * result.cpu_stall:.0f}% '
               f'(pressure before: {pressure}%)', flush=True)
         results.append(result)
-    return report(name, args.dtype, workload, results)
+    batch = min(len(workload), n)
+    return report(name, args.dtype, workload, results, gemm_bound(model_dir, args.dtype, batch), batch)
+
+
+def _range(text: str) -> tuple[int, int]:
+    low, high = (int(part) for part in text.split(','))
+    return low, high
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
@@ -253,6 +297,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument('--num-requests', type=int, default=64)
     parser.add_argument('--models', default='tiny,default', help='comma-separated: tiny, default, or a model dir/id')
     parser.add_argument('--max-num-seqs', type=int, default=64)
+    parser.add_argument('--prompt-tokens', default='20,300', help='range of prompt lengths, e.g. 20,40')
+    parser.add_argument('--max-tokens', default='16,128', help='range of max_tokens, e.g. 128,128')
+    parser.add_argument('--skip-baselines', action='store_true', help='only (a) and (a\'): no HF generate or cb')
     parser.add_argument('--seed', type=int, default=0, help='workload seed')
     parser.add_argument('--repeats', type=int, default=1, help='timed runs per system; the fastest is reported')
     parser.add_argument('--threads', type=int, default=None, help='torch.set_num_threads (default: torch\'s own)')
@@ -273,7 +320,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     hf_logging.disable_progress_bar()
     started = time.perf_counter()
     tokenizer = AutoTokenizer.from_pretrained(twinkle_async.resolve_model(twinkle_async.DEFAULT_MODEL))
-    workload = build_chat_workload(tokenizer, args.num_requests, seed=args.seed)
+    workload = build_chat_workload(tokenizer, args.num_requests, seed=args.seed,
+                                   prompt_range=_range(args.prompt_tokens), max_tokens_range=_range(args.max_tokens))
     info = machine_info()
     print(f'machine: {info}\nworkload: {workload.describe()}')
     reports = []

@@ -42,7 +42,7 @@ async def test_level_2_drops_the_weights_until_they_are_sent_again(torch_engine_
     await within(counters_when(sampler, lambda s: s.running == 1 and s.used_slots == 1))  # running, not queued
     await within(sampler.sleep(2))
     assert (await within(in_flight)).sequences[0].stop_reason == 'abort'
-    weight = sampler.engine.weights.tensors['model.layers.0.mlp.up_proj.weight']
+    weight = sampler.engine.weights.slots['model.layers.0.mlp.up_proj.weight'].owner  # its storage
     assert weight.numel() == 0
     with pytest.raises(ConfigurationError, match='still dropped'):
         await within(sampler.wake_up())

@@ -126,3 +126,26 @@ def _greedy(model, prompt: list[int], new_tokens: int) -> list[int]:
     with torch.no_grad():
         out = model.generate(input_ids=torch.tensor([prompt]), max_new_tokens=new_tokens, do_sample=False)
     return out[0, len(prompt):].tolist()
+
+
+def build_family_model(tokenizer_dir: Path, directory: Path, model_type: str, seed: int = 0, **overrides) -> Path:
+    """A random 2-layer model of ``model_type`` ('llama', 'mistral', 'qwen2', 'qwen3') with the tiny tokenizer;
+    ``overrides`` go to its config (``tie_word_embeddings``, ``rope_parameters``, ``attention_bias``, ...)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    fields = dict(vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, head_dim=32, max_position_embeddings=512,
+                  eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, bos_token_id=None,
+                  tie_word_embeddings=False)
+    config = AutoConfig.for_model(model_type, **{**fields, **overrides})
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.normal_(0.0, 0.08) if parameter.dim() > 1 else parameter.uniform_(0.5, 1.5)
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.save_pretrained(directory, safe_serialization=True)
+    tokenizer.save_pretrained(directory)
+    return directory

@@ -23,7 +23,9 @@ class TorchEngineArgs(BaseModel):
     ``max_num_seqs`` counts samples (KV slots), ``max_num_batched_tokens`` bounds one prefill,
     ``kv_cache_memory_bytes`` bounds the slot KV cache (``max_num_seqs * max_model_len`` tokens).
     ``logprobs_mode`` and ``max_logprobs`` mean what they mean in vLLM (see ``engines.base.LogprobsMode``);
-    ``torch_dtype`` is another name for ``dtype``. ``gpu_memory_utilization`` (vLLM's, passed by Twinkle scripts) is
+    ``torch_dtype`` is another name for ``dtype``. ``runner``: ``'native'`` runs the Llama family (Llama, Mistral,
+    Qwen2, Qwen3) on the engine's own fused model, ``'hf'`` any causal LM through its Hugging Face modules, ``'auto'``
+    the native runner where it serves the checkpoint. ``gpu_memory_utilization`` (vLLM's, passed by Twinkle scripts) is
     accepted and ignored: ``kv_cache_memory_bytes`` sizes this engine's cache.
     """
 
@@ -39,6 +41,7 @@ class TorchEngineArgs(BaseModel):
     kv_cache_memory_bytes: int = Field(default=4 * 2**30, ge=1)
     trust_remote_code: bool = False
     attn_implementation: Literal['twinkle', 'sdpa', 'eager'] = 'twinkle'
+    runner: Literal['auto', 'native', 'hf'] = 'auto'
     num_threads: Optional[int] = Field(default=None, ge=1)
     logprobs_mode: LogprobsMode = 'raw_logprobs'
     max_logprobs: int = Field(default=20, ge=0)

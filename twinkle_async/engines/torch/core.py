@@ -16,8 +16,8 @@ import torch
 
 from twinkle_async.engines.base import EngineOutput, EngineRequest, EngineStats, PauseMode
 from twinkle_async.engines.torch.kv_cache import SlotKVCache
-from twinkle_async.engines.torch.lora import LoraAdapters
 from twinkle_async.engines.torch.model_runner import ModelRunner
+from twinkle_async.engines.torch.parts import runner_parts
 from twinkle_async.engines.torch.postprocess import OutputProcessor
 from twinkle_async.engines.torch.prompt_logprobs import prompt_logprob_rows
 from twinkle_async.engines.torch.sampling import BatchFlags, sample_tokens
@@ -57,8 +57,9 @@ class EngineCore:
         self.scheduler = Scheduler(config.max_num_seqs, config.max_num_batched_tokens)
         self.table = SlotTable(config.max_num_seqs, text_config.vocab_size, device, config.seed)
         self.cache = SlotKVCache.for_model(model, config.max_num_seqs, config.max_model_len, device)
-        self.lora = LoraAdapters(model)
-        self.runner = ModelRunner(self.lora, self.cache, self.table, device)
+        self.parts = runner_parts(model, self.cache)
+        self.lora = self.parts.lora
+        self.runner = ModelRunner(self.parts.forward, self.cache, self.table, model.dtype, device)
         self.processor = OutputProcessor(config.eos_token_ids, config.max_model_len)
         self.processed_logprobs = config.processed_logprobs
         self.weight_version = 0

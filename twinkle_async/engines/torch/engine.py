@@ -14,8 +14,7 @@ from twinkle_async.engines.collector import OutputCollector
 from twinkle_async.engines.torch.args import TorchEngineArgs, parse_engine_args
 from twinkle_async.engines.torch.core import CoreConfig, EngineCore
 from twinkle_async.engines.torch.kv_cache import SlotKVCache
-from twinkle_async.engines.torch.loader import load_model
-from twinkle_async.engines.torch.weight_store import WeightStore
+from twinkle_async.engines.torch.loader import load_model, model_max_len
 from twinkle_async.errors import EngineArgsError, EngineDeadError, InvalidRequestError, NotSupportedError
 from twinkle_async.weights import NamedTensors, stage_update
 
@@ -47,7 +46,7 @@ class TorchEngine:
         config = CoreConfig(args.max_num_seqs, max_model_len, args.max_num_batched_tokens, args.seed,
                             _eos_token_ids(model, tokenizer), args.logprobs_mode == 'processed_logprobs')
         self.core = EngineCore(model, tokenizer, config, self._emit_threadsafe, self._fail_threadsafe)
-        self.weights = WeightStore(model)
+        self.weights = self.core.parts.weights
         self._weight_version = 0
         self._sleep_level = 0
         self._replies: set[asyncio.Future[Any]] = set()  # answers awaited from the thread
@@ -243,7 +242,7 @@ def _settle(future: asyncio.Future[Any], result: Any = None, error: Optional[Bas
 
 def _max_model_len(model: Any, args: TorchEngineArgs) -> int:
     """The user's ``max_model_len``, or the longest that fits the model, 2048 and the KV budget."""
-    limit = getattr(model.config.get_text_config(), 'max_position_embeddings', None) or 2048
+    limit = model_max_len(model.config)
     if args.max_model_len is not None:
         if args.max_model_len > limit:
             raise EngineArgsError(f'max_model_len={args.max_model_len} exceeds the model\'s '

@@ -69,17 +69,26 @@ class SlotKVCache:
         self._write_slots = torch.arange(rows, device=positions.device)
         self._write_positions, self._read_rows, self._read_len = positions, rows, kv_len
 
+    def write(self, layer: int, slots: torch.Tensor, positions: torch.Tensor, key: torch.Tensor,
+              value: torch.Tensor) -> None:
+        """Store ``key``/``value`` ``[T, kv_heads, head_dim]`` of token ``t`` at ``(slots[t], positions[t])``."""
+        self.keys[layer][slots, :, positions] = key
+        self.values[layer][slots, :, positions] = value
+
+    def rows(self, layer: int, rows: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Views of the first ``length`` positions of rows ``0..rows-1``: ``[rows, kv_heads, length, head_dim]``."""
+        return self.keys[layer][:rows, :, :length], self.values[layer][:rows, :, :length]
+
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor,
                layer_idx: int, *args: object) -> tuple[torch.Tensor, torch.Tensor]:
-        """Called by each attention layer: store the new K/V, return what attention should read."""
-        keys, values = self.keys[layer_idx], self.values[layer_idx]
+        """Called by each HF attention layer: store the new K/V, return what attention should read."""
+        assert self._write_slots is not None and self._write_positions is not None
         if self._read_rows == 0:  # packed prefill: [1, heads, T, dim]; attend within the pack
-            keys[self._write_slots, :, self._write_positions] = key_states[0].transpose(0, 1)
-            values[self._write_slots, :, self._write_positions] = value_states[0].transpose(0, 1)
+            self.write(layer_idx, self._write_slots, self._write_positions, key_states[0].transpose(0, 1),
+                       value_states[0].transpose(0, 1))
             return key_states, value_states
-        keys[self._write_slots, :, self._write_positions] = key_states[:, :, 0]
-        values[self._write_slots, :, self._write_positions] = value_states[:, :, 0]
-        return keys[:self._read_rows, :, :self._read_len], values[:self._read_rows, :, :self._read_len]
+        self.write(layer_idx, self._write_slots, self._write_positions, key_states[:, :, 0], value_states[:, :, 0])
+        return self.rows(layer_idx, self._read_rows, self._read_len)
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return 0

@@ -1,7 +1,8 @@
-"""Load a Hugging Face model directory for the torch engine (safetensors only)."""
+"""Load a Hugging Face model directory for the torch engine (safetensors only), on the runner that serves it."""
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +13,9 @@ from twinkle_async.engines.torch.attention import register_attention
 from twinkle_async.errors import ConfigurationError, EngineArgsError
 from twinkle_async.models import require_safetensors
 
-__all__ = ['load_model', 'resolve_device', 'resolve_dtype']
+__all__ = ['load_model', 'resolve_device', 'resolve_dtype', 'model_max_len']
+
+logger = logging.getLogger(__name__)
 
 _DTYPES = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}
 
@@ -32,25 +35,68 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return _DTYPES[name]
 
 
+def model_max_len(config: Any) -> int:
+    """The longest sequence the model's positions allow (2048 when its config does not say)."""
+    return getattr(config.get_text_config(), 'max_position_embeddings', None) or 2048
+
+
 def load_model(model_dir: Path, args: TorchEngineArgs) -> tuple[Any, Any]:
-    """Model (eval mode, no grads) and tokenizer from ``model_dir``.
+    """Model (eval mode, no grads) and tokenizer from ``model_dir``: a
+    :class:`~twinkle_async.engines.torch.native.model.NativeCausalLM` where ``args.runner`` allows and it serves
+    the checkpoint, else the Hugging Face model.
 
     Raises:
         ConfigurationError: the directory has no safetensors weights or cannot be loaded.
+        EngineArgsError: ``runner='native'`` for a checkpoint it does not serve (the reason named).
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoTokenizer
 
     require_safetensors(model_dir)
-    register_attention()
     if args.num_threads:
         torch.set_num_threads(args.num_threads)
     device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype, device)
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=args.trust_remote_code)
+        config = AutoConfig.from_pretrained(model_dir, trust_remote_code=args.trust_remote_code)
+    except Exception as exc:  # transformers raises OSError/ValueError; trusted remote code may raise anything
+        raise ConfigurationError(f'cannot load the model in {model_dir}: {exc}') from exc
+    if args.runner != 'hf':
+        model = _native(model_dir, config, args, dtype, device)
+        if model is not None:
+            return model, tokenizer
+    return _hugging_face(model_dir, args, dtype, device), tokenizer
+
+
+def _native(model_dir: Path, config: Any, args: TorchEngineArgs, dtype: torch.dtype, device: torch.device) -> Any:
+    from transformers import GenerationConfig
+
+    from twinkle_async.engines.torch.native.checkpoint import load_native, unsupported_reason
+
+    max_len = model_max_len(config)
+    reason = unsupported_reason(config, args.max_model_len or max_len)
+    if reason is not None:
+        if args.runner == 'native':
+            raise EngineArgsError(f"runner='native' cannot serve {model_dir}: {reason} (runner='hf' can)")
+        logger.info('torch engine: the Hugging Face runner serves %s (%s)', model_dir, reason)
+        return None
+    model = load_native(model_dir, config, dtype, device, args.max_model_len or max_len)
+    try:
+        model.generation_config = GenerationConfig.from_pretrained(model_dir)
+    except OSError:  # no generation_config.json
+        model.generation_config = GenerationConfig.from_model_config(config)
+    return model
+
+
+def _hugging_face(model_dir: Path, args: TorchEngineArgs, dtype: torch.dtype, device: torch.device) -> Any:
+    from transformers import AutoModelForCausalLM
+
+    register_attention()
+    try:
         model: Any = AutoModelForCausalLM.from_pretrained(  # the class is the checkpoint's: known at run time only
-            model_dir, dtype=resolve_dtype(args.dtype, device), use_safetensors=True,
-            trust_remote_code=args.trust_remote_code, attn_implementation=args.attn_implementation)
+            model_dir, dtype=dtype, use_safetensors=True, trust_remote_code=args.trust_remote_code,
+            attn_implementation=args.attn_implementation)
     except Exception as exc:  # transformers raises OSError/ValueError; trusted remote code may raise anything
         raise ConfigurationError(f'cannot load the model in {model_dir}: {exc}') from exc
     model.to(device).eval().requires_grad_(False)
-    return model, tokenizer
+    return model

@@ -1,8 +1,14 @@
-"""Forward passes over the slot KV cache: packed prefill of new prompts, one-token decode of all rows."""
+"""Forward passes over the slot KV cache: packed prefill of new prompts, one-token decode of all rows.
+
+:class:`ModelRunner` plans each pass (tokens, positions, slots, masks) and hands it to a :class:`Forward`: the
+native Llama-family model (:class:`~twinkle_async.engines.torch.native.forward.NativeForward`) or an unmodified
+Hugging Face model (:class:`HFForward`).
+"""
 
 from __future__ import annotations
 
 import itertools
+from typing import Protocol, Sequence
 
 import torch
 
@@ -12,7 +18,21 @@ from twinkle_async.engines.torch.lora import LoraAdapters
 from twinkle_async.engines.torch.sequence import Request, Sample
 from twinkle_async.engines.torch.slots import SlotTable
 
-__all__ = ['ModelRunner', 'PrefillResult']
+__all__ = ['ModelRunner', 'PrefillResult', 'Forward', 'HFForward']
+
+
+class Forward(Protocol):
+    """One model's forward passes over the slot cache (planned by :class:`ModelRunner`)."""
+
+    def packed(self, input_ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, bounds: list[int],
+               keep: torch.Tensor, adapter: str) -> torch.Tensor:
+        """Sequences packed in one row (token ``t`` cached at ``(slots[t], positions[t])``, sequence ``i`` is
+        ``bounds[i]:bounds[i+1]``), all of ``adapter``; the logits at token indices ``keep``."""
+
+    def decode(self, input_ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor,
+               adapters: Sequence[str]) -> torch.Tensor:
+        """One token for each of rows ``0..B-1`` (slot ``i`` is row ``i``); additive ``mask [B, 1, 1, L]`` over
+        the cached positions; returns the next-token logits ``[B, V]``."""
 
 
 class PrefillResult:
@@ -26,17 +46,15 @@ class PrefillResult:
 
 
 class ModelRunner:
-    """Runs an unmodified Hugging Face causal LM (with its LoRA adapters) on :class:`SlotKVCache`."""
+    """Plans each forward over :class:`SlotKVCache` and runs it with ``forward``."""
 
-    def __init__(self, lora: LoraAdapters, cache: SlotKVCache, table: SlotTable, device: torch.device) -> None:
-        self.lora = lora
+    def __init__(self, forward: Forward, cache: SlotKVCache, table: SlotTable, dtype: torch.dtype,
+                 device: torch.device) -> None:
+        self.forward = forward
         self.cache = cache
         self.table = table
         self.device = device
-        model = lora.base
-        self.mask_min = torch.finfo(model.dtype).min
-        self.mask_dtype = model.dtype
-        self.packed_bounds = model.config._attn_implementation == ATTENTION_NAME
+        self.dtype = dtype
 
     def prefill(self, requests: list[Request]) -> PrefillResult:
         """One packed forward over prompts of one adapter; copies the prompt KV to every sample's slot."""
@@ -64,45 +82,22 @@ class ModelRunner:
         self.cache.ensure_capacity(kv_len)
         self.cache.plan_decode(rows, positions, kv_len)
         visible = torch.arange(kv_len, device=self.device).unsqueeze(0) <= positions.unsqueeze(1)
-        mask = self._additive(visible)[:, None, None, :]
-        logits = self.lora.model(input_ids=self.table.last_tokens[:rows].unsqueeze(1),
-                                 position_ids=positions.unsqueeze(1), attention_mask=mask,
-                                 past_key_values=self.cache, use_cache=True, logits_to_keep=1,
-                                 **self.lora.forward_kwargs(self.table.adapters, rows)).logits[:, -1]
+        logits = self.forward.decode(self.table.last_tokens[:rows], positions,
+                                     additive_mask(visible, self.dtype)[:, None, None], self.table.adapters[:rows])
         self.table.positions[:rows] += 1
         return logits
 
     def _forward_packed(self, sequences: list[list[int]], slots: list[int], keep: torch.Tensor,
                         adapter: str) -> torch.Tensor:
-        """Sequences packed in one row, each cached from position 0 in its slot; logits at ``keep``."""
         lengths = [len(s) for s in sequences]
         input_ids = torch.tensor([t for s in sequences for t in s], device=self.device)
         positions = torch.cat([torch.arange(n, device=self.device) for n in lengths])
-        seq_ids = torch.repeat_interleave(torch.arange(len(sequences), device=self.device),
-                                          torch.tensor(lengths, device=self.device))
+        token_slots = torch.repeat_interleave(torch.tensor(slots, device=self.device),
+                                              torch.tensor(lengths, device=self.device))
         self.cache.ensure_capacity(max(lengths) + 1)
-        self.cache.plan_prefill(torch.tensor(slots, device=self.device)[seq_ids], positions)
-        return self.lora.model(input_ids=input_ids.unsqueeze(0), position_ids=positions.unsqueeze(0),
-                               past_key_values=self.cache, use_cache=True, logits_to_keep=keep,
-                               **self._prefill_attention(seq_ids, positions, lengths),
-                               **self.lora.forward_kwargs([adapter], 1)).logits[0]
-
-    def _prefill_attention(self, seq_ids: torch.Tensor, positions: torch.Tensor,
-                           lengths: list[int]) -> dict[str, torch.Tensor]:
-        """Sequence bounds for our attention; a block-diagonal causal mask for HF's own ones."""
-        if self.packed_bounds:
-            bounds = torch.tensor([0, *itertools.accumulate(lengths)], device=self.device)
-            return {'cu_seq_lens_q': bounds, 'cu_seq_lens_k': bounds}
-        return {'attention_mask': self._prefill_mask(seq_ids, positions)}
-
-    def _prefill_mask(self, seq_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        same_sequence = seq_ids.unsqueeze(1) == seq_ids.unsqueeze(0)
-        causal = positions.unsqueeze(1) >= positions.unsqueeze(0)
-        return self._additive(same_sequence & causal)[None, None]
-
-    def _additive(self, visible: torch.Tensor) -> torch.Tensor:
-        zero = torch.zeros((), dtype=self.mask_dtype, device=self.device)
-        return torch.where(visible, zero, torch.tensor(self.mask_min, dtype=self.mask_dtype, device=self.device))
+        self.cache.plan_prefill(token_slots, positions)
+        bounds = [0, *itertools.accumulate(lengths)]
+        return self.forward.packed(input_ids, positions, token_slots, bounds, keep, adapter)
 
     def _logits_to_keep(self, requests: list[Request],
                         lengths: list[int]) -> tuple[torch.Tensor, list[tuple[int, int]]]:
@@ -117,3 +112,41 @@ class ModelRunner:
             keep.extend(wanted)
             offset += length
         return torch.tensor(keep, device=self.device), spans
+
+
+class HFForward:
+    """An unmodified Hugging Face causal LM (with its PEFT adapters), :class:`SlotKVCache` as its cache."""
+
+    def __init__(self, lora: LoraAdapters, cache: SlotKVCache) -> None:
+        self.lora = lora
+        self.cache = cache
+        self.packed_bounds = lora.base.config._attn_implementation == ATTENTION_NAME
+
+    def packed(self, input_ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, bounds: list[int],
+               keep: torch.Tensor, adapter: str) -> torch.Tensor:
+        if self.packed_bounds:
+            spans = torch.tensor(bounds, device=input_ids.device)
+            attention = {'cu_seq_lens_q': spans, 'cu_seq_lens_k': spans}
+        else:  # HF's own attention: a block-diagonal causal mask
+            attention = {'attention_mask': self._block_diagonal(positions, bounds)}
+        return self.lora.model(input_ids=input_ids.unsqueeze(0), position_ids=positions.unsqueeze(0),
+                               past_key_values=self.cache, use_cache=True, logits_to_keep=keep, **attention,
+                               **self.lora.forward_kwargs([adapter], 1)).logits[0]
+
+    def decode(self, input_ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor,
+               adapters: Sequence[str]) -> torch.Tensor:
+        return self.lora.model(input_ids=input_ids.unsqueeze(1), position_ids=positions.unsqueeze(1),
+                               attention_mask=mask, past_key_values=self.cache, use_cache=True, logits_to_keep=1,
+                               **self.lora.forward_kwargs(list(adapters), len(adapters))).logits[:, -1]
+
+    def _block_diagonal(self, positions: torch.Tensor, bounds: list[int]) -> torch.Tensor:
+        lengths = torch.tensor([end - start for start, end in zip(bounds[:-1], bounds[1:])], device=positions.device)
+        seq_ids = torch.repeat_interleave(torch.arange(len(lengths), device=positions.device), lengths)
+        visible = (seq_ids.unsqueeze(1) == seq_ids.unsqueeze(0)) & (positions.unsqueeze(1) >= positions.unsqueeze(0))
+        return additive_mask(visible, self.lora.base.dtype)[None, None]
+
+
+def additive_mask(visible: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """0 where ``visible``, the dtype's lowest value elsewhere (SDPA's additive mask)."""
+    zero = torch.zeros((), dtype=dtype, device=visible.device)
+    return torch.where(visible, zero, torch.tensor(torch.finfo(dtype).min, dtype=dtype, device=visible.device))

@@ -69,7 +69,47 @@ def _apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty:
     return torch.where(seen, penalized, logits)
 
 
+_NUCLEUS_CANDIDATES = 1024
+"""Where rows with top-p but no top-k look for their nucleus before the whole vocabulary is sorted."""
+
+
 def _apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """Mask (to -inf) what top-k and then top-p (over the top-k renormalised distribution) drop, per row.
+
+    The kept tokens are found among the largest ``max(top_k)`` logits (``topk``, no vocabulary sort; the top-p
+    mass summed in float64); rows without top-k look among the largest 1,024, and the whole vocabulary is
+    sorted only when a nucleus is larger still.
+    """
+    vocab = logits.shape[-1]
+    k_max = int(top_k.max())
+    threshold = _threshold_among(logits, top_k, top_p, min(k_max if k_max < vocab else _NUCLEUS_CANDIDATES, vocab))
+    if threshold is None:
+        return _sorted_top_k_top_p(logits, top_k, top_p)
+    return logits.masked_fill(logits < threshold.unsqueeze(1), float('-inf'))
+
+
+def _threshold_among(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
+                     candidates: int) -> Optional[torch.Tensor]:
+    """Each row's smallest kept logit, found among its ``candidates`` largest; ``None`` when some row may keep
+    tokens beyond them."""
+    vocab = logits.shape[-1]
+    whole = top_k >= vocab  # rows without top-k: renormalised over the whole vocabulary
+    if bool(((top_k > candidates) & ~whole).any()):
+        return None
+    values = logits.topk(candidates, dim=-1).values  # descending
+    in_k = torch.arange(candidates, device=logits.device).unsqueeze(0) < top_k.unsqueeze(1)
+    masked = values.masked_fill(~in_k, float('-inf')).double()
+    normalizer = torch.where(whole, logits.logsumexp(dim=-1).double(), masked.logsumexp(dim=-1))
+    probs = (masked - normalizer.unsqueeze(1)).exp()
+    if bool((whole & (top_p < 1) & (probs.sum(dim=-1) < top_p)).any()):
+        return None
+    keep = in_k & (probs.cumsum(dim=-1) - probs < top_p.double().unsqueeze(1))  # the mass before it is under top_p
+    keep[:, 0] = True
+    threshold = values.masked_fill(~keep, float('inf')).min(dim=-1).values
+    return threshold.masked_fill(whole & (top_p >= 1), float('-inf'))
+
+
+def _sorted_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
     sorted_logits, order = logits.sort(dim=-1, descending=False)
     vocab = logits.shape[-1]
     kth = sorted_logits.gather(1, (vocab - top_k).clamp(min=0).unsqueeze(1))

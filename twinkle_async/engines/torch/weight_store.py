@@ -2,25 +2,61 @@
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from dataclasses import dataclass
+from typing import Any, Mapping, Optional
 
 import torch
 
 from twinkle_async.errors import ConfigurationError
 from twinkle_async.weights import NamedTensors, TensorSpec, conform, named_tensors
 
-__all__ = ['WeightStore']
+__all__ = ['WeightStore', 'WeightSlot']
+
+
+@dataclass(frozen=True, slots=True)
+class WeightSlot:
+    """Where a checkpoint tensor lives in the served model: the whole of ``owner`` (a parameter), or its
+    ``rows`` in a fused layout (q/k/v in one ``qkv``, gate/up in one ``gate_up``)."""
+
+    owner: torch.Tensor
+    owner_shape: tuple[int, ...]
+    rows: Optional[slice] = None
+
+    @classmethod
+    def of(cls, owner: torch.Tensor, rows: Optional[slice] = None) -> WeightSlot:
+        return cls(owner, tuple(owner.shape), rows)
+
+    @property
+    def place(self) -> tuple[int, Any]:
+        """Equal for two names of the same values (tied weights)."""
+        return id(self.owner), None if self.rows is None else (self.rows.start, self.rows.stop)
+
+    def target(self) -> torch.Tensor:
+        """The tensor to copy the checkpoint's values into (reallocating an owner that ``drop`` released)."""
+        if self.owner.numel() == 0 and self.owner_shape:
+            self.owner.data = torch.empty(self.owner_shape, dtype=self.owner.dtype, device=self.owner.device)
+        return self.owner.data if self.rows is None else self.owner.data[self.rows]
 
 
 class WeightStore:
-    """Names are the model's ``state_dict`` keys (tied weights answer to each of their names)."""
+    """Names are the checkpoint's (``model.layers.0.self_attn.q_proj.weight``); tied weights answer to each name."""
 
-    def __init__(self, model: Any) -> None:
-        self.tensors: dict[str, torch.Tensor] = {
-            name: t for name, t in model.state_dict(keep_vars=True).items() if t.dtype.is_floating_point}
-        self.specs = {name: TensorSpec(tuple(t.shape), t.dtype) for name, t in self.tensors.items()}
-        self.device = next(iter(self.tensors.values())).device
-        self._dropped: set[int] = set()  # ids of tensors whose storage sleep(2) released
+    def __init__(self, slots: Mapping[str, WeightSlot]) -> None:
+        self.slots = dict(slots)
+        self.specs = {name: TensorSpec(tuple(slot.owner[slot.rows].shape) if slot.rows else slot.owner_shape,
+                                       slot.owner.dtype) for name, slot in self.slots.items()}
+        self.device = next(iter(self.slots.values())).owner.device
+        self._dropped: set[str] = set()  # names whose storage sleep(2) released and no update brought back
+        places: dict[tuple[int, Any], set[str]] = {}
+        for name, slot in self.slots.items():
+            places.setdefault(slot.place, set()).add(name)
+        self._aliases = {name: frozenset(places[slot.place]) for name, slot in self.slots.items()}
+
+    @classmethod
+    def for_module(cls, model: Any) -> WeightStore:
+        """A Hugging Face model's floating-point ``state_dict`` entries, each the whole of its parameter."""
+        return cls({name: WeightSlot.of(t) for name, t in model.state_dict(keep_vars=True).items()
+                    if t.dtype.is_floating_point})
 
     def stage(self, weights: NamedTensors) -> dict[str, torch.Tensor]:
         """Every tensor checked and on the model's device, before any is applied (runs off the engine thread).
@@ -38,26 +74,21 @@ class WeightStore:
             staged[name] = checked.to(self.device, copy=not borrow and checked.data_ptr() == tensor.data_ptr())
         return staged
 
-    def apply(self, staged: dict[str, torch.Tensor]) -> None:
+    def apply(self, staged: Mapping[str, torch.Tensor]) -> None:
         """Copy staged tensors into the model in place (engine thread, between steps)."""
         for name, tensor in staged.items():
-            target = self.tensors[name]
-            if id(target) in self._dropped:
-                target.data = tensor.clone()
-                self._dropped.discard(id(target))
-            else:
-                target.copy_(tensor)
+            self.slots[name].target().copy_(tensor)
+            self._dropped -= self._aliases[name]  # tied weights: one name brings back every alias
 
     def drop(self) -> None:
         """Release every weight's storage (sleep level 2); ``apply`` brings them back."""
-        for tensor in self.tensors.values():
-            if id(tensor) not in self._dropped:
-                tensor.data = torch.empty(0, dtype=tensor.dtype, device=tensor.device)
-                self._dropped.add(id(tensor))
+        for slot in self.slots.values():
+            slot.owner.data = torch.empty(0, dtype=slot.owner.dtype, device=slot.owner.device)
+        self._dropped = set(self.slots)
 
     def check_complete(self) -> None:
         """Raises ConfigurationError naming a weight still dropped."""
-        missing = [name for name, t in self.tensors.items() if id(t) in self._dropped]
+        missing = sorted(self._dropped)
         if missing:
             raise ConfigurationError(f'{len(missing)} weight(s) are still dropped by sleep(level=2), e.g. '
                                      f'{missing[0]!r}: update_weights with every weight before wake_up()')
