@@ -15,13 +15,13 @@ from typing import Any, Callable, Optional
 import torch
 
 from twinkle_async.engines.base import EngineOutput, EngineRequest, EngineStats, PauseMode
-from twinkle_async.engines.torch.kv_cache import SlotKVCache
+from twinkle_async.engines.torch.kv_cache import STAGING_SLOTS, SlotKVCache
 from twinkle_async.engines.torch.model_runner import ModelRunner
 from twinkle_async.engines.torch.parts import runner_parts
 from twinkle_async.engines.torch.postprocess import OutputProcessor
 from twinkle_async.engines.torch.prompt_logprobs import prompt_logprob_rows
 from twinkle_async.engines.torch.sampling import BatchFlags, sample_tokens
-from twinkle_async.engines.torch.scheduler import Scheduler
+from twinkle_async.engines.torch.scheduler import Chunk, Scheduler
 from twinkle_async.engines.torch.sequence import Request, Sample
 from twinkle_async.engines.torch.slots import SlotTable
 
@@ -54,12 +54,13 @@ class EngineCore:
         text_config = model.config.get_text_config()
         self.tokenizer = tokenizer
         self.inbox: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
-        self.scheduler = Scheduler(config.max_num_seqs, config.max_num_batched_tokens)
         self.table = SlotTable(config.max_num_seqs, text_config.vocab_size, device, config.seed)
-        self.cache = SlotKVCache.for_model(model, config.max_num_seqs, config.max_model_len, device)
+        self.cache = SlotKVCache.for_model(model, config.max_num_seqs + STAGING_SLOTS, config.max_model_len, device)
         self.parts = runner_parts(model, self.cache)
         self.lora = self.parts.lora
         self.runner = ModelRunner(self.parts.forward, self.cache, self.table, model.dtype, device)
+        self.scheduler = Scheduler(config.max_num_seqs, config.max_num_batched_tokens,
+                                   config.max_num_seqs if self.parts.forward.chunked else None)
         self.processor = OutputProcessor(config.eos_token_ids, config.max_model_len)
         self.processed_logprobs = config.processed_logprobs
         self.weight_version = 0
@@ -101,23 +102,28 @@ class EngineCore:
             self._fail(exc)
 
     def step(self) -> None:
-        """Decode every running sample, admit and prefill waiting requests, release finished slots."""
+        """Decode every running sample and prefill what the scheduler admits (in one forward where the runner
+        allows), start the samples whose prompts are cached, release finished slots."""
         if self._stale_kv:
             self._recompute()
         self.steps += 1
-        if self.scheduler.running:
-            self._pending += self._decode()
-            self._release_finished()
-        admitted = self.scheduler.admit()
-        if admitted:
-            self._pending += self._prefill(admitted)
-            self._release_finished()
+        rows = len(self.scheduler.running)
+        chunks = self.scheduler.admit()
+        logits = self.runner.step(rows, chunks)
+        if logits.decode is not None:
+            self._pending += self._sample(logits.decode, self.scheduler.running[:rows], slice(0, rows))
+        started = [(chunk.request, chunk_logits) for chunk, chunk_logits in zip(chunks, logits.chunks)
+                   if self._record_prompt(chunk, chunk_logits)]
+        if started:
+            self._pending += self._start([request for request, _ in started],
+                                         torch.stack([chunk_logits[-1] for _, chunk_logits in started]))
+        self._release_finished()
 
     # -- run on this thread through ``call`` --
     def stats(self) -> EngineStats:
         s = self.scheduler
         return EngineStats(waiting=len(s.waiting) + len(self.held), running=len(s.requests) - len(s.waiting),
-                           used_slots=len(s.running), kv_usage=len(s.running) / s.num_slots, steps=self.steps,
+                           used_slots=s.used_slots, kv_usage=s.used_slots / s.capacity, steps=self.steps,
                            aborted=self.aborted)
 
     def pause(self, mode: PauseMode, on_paused: Callable[[], object]) -> None:
@@ -142,38 +148,40 @@ class EngineCore:
         apply()
         self.weight_version = version
         self._stale_kv = bool(self.scheduler.running)
+        self.scheduler.restart_staged()
 
     # -- internals --
     @property
     def _idle(self) -> bool:
         return self.scheduler.idle or self.pause_mode in ('keep', 'abort')
 
-    def _decode(self) -> list[EngineOutput]:
-        samples = list(self.scheduler.running)
-        logits = self.runner.decode(len(samples))
-        return self._sample(logits, samples, slice(0, len(samples)))
+    def _record_prompt(self, chunk: Chunk, logits: torch.Tensor) -> bool:
+        """Keep the chunk's prompt logprob rows (when asked); whether it completed its prompt."""
+        request = chunk.request
+        if request.params.prompt_logprobs is not None:
+            if chunk.start == 0:
+                request.prompt_logprobs = [None]
+            assert request.prompt_logprobs is not None
+            request.prompt_logprobs += prompt_logprob_rows(
+                logits, request.prompt_token_ids[chunk.start + 1:chunk.end + 1], request.params.prompt_logprobs)
+        if chunk.completes:  # every sample's slot holds the prompt (the first one's holds it already, unless staged)
+            for sample in request.samples:
+                if sample.slot != chunk.slot:
+                    self.cache.copy_slot(chunk.slot, sample.slot, len(request.prompt_token_ids))
+        return chunk.completes
 
-    def _prefill(self, admitted: list[Request]) -> list[EngineOutput]:
-        outputs: list[EngineOutput] = []
-        for _, run in itertools.groupby(admitted, key=lambda r: r.adapter):  # slots of a run are contiguous
-            outputs += self._prefill_run(list(run))
-        return outputs
-
-    def _prefill_run(self, requests: list[Request]) -> list[EngineOutput]:
+    def _start(self, requests: list[Request], last_logits: torch.Tensor) -> list[EngineOutput]:
+        """The requests' prompts are cached in their samples' slots: sample their first tokens."""
         samples = [s for r in requests for s in r.samples]
+        for request in requests:
+            self.scheduler.start(request)
         for sample in samples:
             self.table.assign(sample.slot, sample.params, sample.request.prompt_token_ids, sample.seed,
                               sample.request.adapter)
-        result = self.runner.prefill(requests)
-        for request in requests:
-            if request.request_id in result.prompt_logits:
-                request.prompt_logprobs = prompt_logprob_rows(
-                    result.prompt_logits[request.request_id], request.prompt_token_ids,
-                    request.params.prompt_logprobs or 0)
-        counts = torch.tensor([len(r.samples) for r in requests], device=result.last_logits.device)
-        logits = torch.repeat_interleave(result.last_logits, counts, dim=0)
+        counts = torch.tensor([len(r.samples) for r in requests], device=last_logits.device)
         first = samples[0].slot
-        return self._sample(logits, samples, slice(first, first + len(samples)))
+        return self._sample(torch.repeat_interleave(last_logits, counts, dim=0), samples,
+                            slice(first, first + len(samples)))
 
     def _recompute(self) -> None:
         self._stale_kv = False
@@ -236,15 +244,16 @@ class EngineCore:
         if request is None or request.finished:
             return
         self.aborted += 1
-        admitted = request not in self.scheduler.waiting and request_id in self.scheduler.requests
+        unstarted = request in self.scheduler.waiting or request is self.scheduler.staged
+        running = not unstarted and request_id in self.scheduler.requests
         for sample in request.samples:
             if sample.finish_reason is None:
                 sample.finish_reason = 'abort'
                 self._pending.append(EngineOutput(request_id, sample.index, [], None, '', 'abort',
                                                   weight_version=self.weight_version))
-                if admitted:
+                if running:
                     self._release(sample)
-        if request in self.scheduler.waiting:
+        if unstarted:
             self.scheduler.remove_waiting(request)
 
     def _notify_drained(self) -> None:

@@ -13,7 +13,7 @@ from twinkle_async.engines.base import CacheKind, EngineOutput, EngineRequest, E
 from twinkle_async.engines.collector import OutputCollector
 from twinkle_async.engines.torch.args import TorchEngineArgs, parse_engine_args
 from twinkle_async.engines.torch.core import CoreConfig, EngineCore
-from twinkle_async.engines.torch.kv_cache import SlotKVCache
+from twinkle_async.engines.torch.kv_cache import STAGING_SLOTS, SlotKVCache
 from twinkle_async.engines.torch.loader import load_model, model_max_len
 from twinkle_async.errors import EngineArgsError, EngineDeadError, InvalidRequestError, NotSupportedError
 from twinkle_async.weights import NamedTensors, stage_update
@@ -248,14 +248,15 @@ def _max_model_len(model: Any, args: TorchEngineArgs) -> int:
             raise EngineArgsError(f'max_model_len={args.max_model_len} exceeds the model\'s '
                                   f'max_position_embeddings={limit}')
         return args.max_model_len
-    fits_budget = args.kv_cache_memory_bytes // (SlotKVCache.bytes_per_token(model) * args.max_num_seqs)
+    slots = args.max_num_seqs + STAGING_SLOTS
+    fits_budget = args.kv_cache_memory_bytes // (SlotKVCache.bytes_per_token(model) * slots)
     max_model_len = min(limit, 2048, max(fits_budget // 256 * 256, 256))
     logger.info('torch engine: max_model_len=%d (max_num_seqs=%d)', max_model_len, args.max_num_seqs)
     return max_model_len
 
 
 def _check_kv_budget(model: Any, args: TorchEngineArgs, max_model_len: int) -> None:
-    needed = SlotKVCache.bytes_per_token(model) * args.max_num_seqs * max_model_len
+    needed = SlotKVCache.bytes_per_token(model) * (args.max_num_seqs + STAGING_SLOTS) * max_model_len
     if needed > args.kv_cache_memory_bytes:
         raise EngineArgsError(
             f'the KV cache for max_num_seqs={args.max_num_seqs} x max_model_len={max_model_len} needs '

@@ -11,7 +11,10 @@ from typing import Any
 
 import torch
 
-__all__ = ['SlotKVCache']
+__all__ = ['SlotKVCache', 'STAGING_SLOTS']
+
+STAGING_SLOTS = 1
+"""Slots beyond ``max_num_seqs``: where a prompt too long for one step is prefilled chunk by chunk."""
 
 _GROWTH = 256
 

@@ -8,41 +8,63 @@ Hugging Face model (:class:`HFForward`).
 from __future__ import annotations
 
 import itertools
-from typing import Protocol, Sequence
+from dataclasses import dataclass, field
+from typing import Optional, Protocol, Sequence
 
 import torch
 
 from twinkle_async.engines.torch.attention import ATTENTION_NAME
 from twinkle_async.engines.torch.kv_cache import SlotKVCache
 from twinkle_async.engines.torch.lora import LoraAdapters
-from twinkle_async.engines.torch.sequence import Request, Sample
+from twinkle_async.engines.torch.scheduler import Chunk
+from twinkle_async.engines.torch.sequence import Sample
 from twinkle_async.engines.torch.slots import SlotTable
 
-__all__ = ['ModelRunner', 'PrefillResult', 'Forward', 'HFForward']
+__all__ = ['ModelRunner', 'StepLogits', 'MixedBatch', 'Forward', 'HFForward', 'additive_mask']
+
+
+@dataclass(slots=True)
+class MixedBatch:
+    """One step's tokens packed in one row: ``rows`` decode tokens (row ``i`` in slot ``i``) then each prefill
+    chunk's prompt tokens; logits are wanted at token indices ``keep``."""
+
+    input_ids: torch.Tensor      # [T]
+    positions: torch.Tensor      # [T]
+    rows: int
+    decode_mask: Optional[torch.Tensor]  # [rows, 1, 1, L] additive, over the rows' cached positions
+    chunk_slots: torch.Tensor    # [T - rows]: the slot each chunk token is cached in
+    chunks: list[tuple[int, int, int, int]]  # per chunk: (first token in the pack, end in the pack, slot, position)
+    adapters: list[str]          # per token
+    keep: torch.Tensor
 
 
 class Forward(Protocol):
     """One model's forward passes over the slot cache (planned by :class:`ModelRunner`)."""
 
+    chunked: bool
+    """Whether :meth:`mixed` exists: decode rows and prefill chunks (which read the cache) in one forward."""
+
     def packed(self, input_ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, bounds: list[int],
                keep: torch.Tensor, adapter: str) -> torch.Tensor:
-        """Sequences packed in one row (token ``t`` cached at ``(slots[t], positions[t])``, sequence ``i`` is
-        ``bounds[i]:bounds[i+1]``), all of ``adapter``; the logits at token indices ``keep``."""
+        """Whole sequences packed in one row (token ``t`` cached at ``(slots[t], positions[t])``, sequence ``i`` is
+        ``bounds[i]:bounds[i+1]`` from position 0), all of ``adapter``; the logits at token indices ``keep``."""
 
     def decode(self, input_ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor,
                adapters: Sequence[str]) -> torch.Tensor:
         """One token for each of rows ``0..B-1`` (slot ``i`` is row ``i``); additive ``mask [B, 1, 1, L]`` over
         the cached positions; returns the next-token logits ``[B, V]``."""
 
+    def mixed(self, batch: MixedBatch) -> torch.Tensor:
+        """The logits at ``batch.keep`` (only where ``chunked``)."""
 
-class PrefillResult:
-    """Logits of each request's last prompt token and, where asked, of every prompt position."""
 
-    __slots__ = ('last_logits', 'prompt_logits')
+@dataclass(slots=True)
+class StepLogits:
+    """A step's logits: every decode row's, and per prefill chunk (in order) those it yielded."""
 
-    def __init__(self, last_logits: torch.Tensor, prompt_logits: dict[str, torch.Tensor]) -> None:
-        self.last_logits = last_logits          # [num_requests, V]
-        self.prompt_logits = prompt_logits      # request_id -> [prompt_len - 1, V]
+    decode: Optional[torch.Tensor]                      # [rows, V]
+    chunks: list[torch.Tensor] = field(default_factory=list)  # [tokens, V]: all its tokens (prompt logprobs
+    # asked) or its last one when it completes the prompt; empty otherwise
 
 
 class ModelRunner:
@@ -56,18 +78,22 @@ class ModelRunner:
         self.device = device
         self.dtype = dtype
 
-    def prefill(self, requests: list[Request]) -> PrefillResult:
-        """One packed forward over prompts of one adapter; copies the prompt KV to every sample's slot."""
-        prompts = [r.prompt_token_ids for r in requests]
-        keep, spans = self._logits_to_keep(requests, [len(p) for p in prompts])
-        logits = self._forward_packed(prompts, [r.samples[0].slot for r in requests], keep, requests[0].adapter)
-        for request in requests:
-            for sample in request.samples[1:]:
-                self.cache.copy_slot(request.samples[0].slot, sample.slot, len(request.prompt_token_ids))
-        last = logits[torch.tensor([end - 1 for _, end in spans], device=self.device)]
-        prompt = {r.request_id: logits[start:end - 1] for r, (start, end) in zip(requests, spans)
-                  if r.params.prompt_logprobs is not None}
-        return PrefillResult(last, prompt)
+    def step(self, rows: int, chunks: list[Chunk]) -> StepLogits:
+        """Decode rows ``0..rows-1`` and prefill ``chunks``: one forward where the model allows, else a decode
+        forward and one packed forward per run of chunks of one adapter (whole prompts then)."""
+        wanted = [self._wanted(chunk) for chunk in chunks]
+        if self.forward.chunked:
+            return self._mixed(rows, chunks, wanted)
+        result = StepLogits(self.decode(rows) if rows else None)
+        at = 0
+        for _, run in itertools.groupby(chunks, key=lambda c: c.request.adapter):
+            group = list(run)
+            keep = torch.tensor(self._offsets(group, wanted[at:at + len(group)]), device=self.device)
+            logits = self._forward_packed([c.request.prompt_token_ids for c in group], [c.slot for c in group],
+                                          keep, group[0].request.adapter)
+            result.chunks += self._split(logits, wanted[at:at + len(group)])
+            at += len(group)
+        return result
 
     def recompute(self, samples: list[Sample]) -> None:
         """Rebuild the cached KV of running samples of one adapter from their tokens (new weights)."""
@@ -77,15 +103,44 @@ class ModelRunner:
 
     def decode(self, rows: int) -> torch.Tensor:
         """One token for each of rows ``0..rows-1``; returns their next-token logits ``[rows, V]``."""
+        positions, mask = self._plan_decode(rows)
+        logits = self.forward.decode(self.table.last_tokens[:rows], positions, mask, self.table.adapters[:rows])
+        self.table.positions[:rows] += 1
+        return logits
+
+    def _mixed(self, rows: int, chunks: list[Chunk], wanted: list[list[int]]) -> StepLogits:
+        no_rows = (torch.empty(0, dtype=torch.long, device=self.device), None)
+        positions, mask = self._plan_decode(rows) if rows else no_rows
+        tokens = [t for c in chunks for t in c.request.prompt_token_ids[c.start:c.end]]
+        chunk_positions = [p for c in chunks for p in range(c.start, c.end)]
+        spans, at = [], rows
+        for chunk in chunks:
+            spans.append((at, at + chunk.end - chunk.start, chunk.slot, chunk.start))
+            at += chunk.end - chunk.start
+        self.cache.ensure_capacity(max([c.end for c in chunks] + [int(positions.max()) + 1 if rows else 0]))
+        keep = list(range(rows)) + [rows + offset for offset in self._offsets(chunks, wanted)]
+        batch = MixedBatch(
+            input_ids=torch.cat([self.table.last_tokens[:rows], torch.tensor(tokens, dtype=torch.long,
+                                                                              device=self.device)]),
+            positions=torch.cat([positions, torch.tensor(chunk_positions, dtype=torch.long, device=self.device)]),
+            rows=rows, decode_mask=mask,
+            chunk_slots=torch.tensor([c.slot for c in chunks for _ in range(c.start, c.end)], dtype=torch.long,
+                                     device=self.device),
+            chunks=spans, adapters=[*self.table.adapters[:rows], *(c.request.adapter for c in chunks
+                                                                   for _ in range(c.start, c.end))],
+            keep=torch.tensor(keep, device=self.device))
+        logits = self.forward.mixed(batch)
+        if rows:
+            self.table.positions[:rows] += 1
+        return StepLogits(logits[:rows] if rows else None, self._split(logits[rows:], wanted))
+
+    def _plan_decode(self, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
         positions = self.table.positions[:rows]
         kv_len = int(positions.max()) + 1
         self.cache.ensure_capacity(kv_len)
         self.cache.plan_decode(rows, positions, kv_len)
         visible = torch.arange(kv_len, device=self.device).unsqueeze(0) <= positions.unsqueeze(1)
-        logits = self.forward.decode(self.table.last_tokens[:rows], positions,
-                                     additive_mask(visible, self.dtype)[:, None, None], self.table.adapters[:rows])
-        self.table.positions[:rows] += 1
-        return logits
+        return positions, additive_mask(visible, self.dtype)[:, None, None]
 
     def _forward_packed(self, sequences: list[list[int]], slots: list[int], keep: torch.Tensor,
                         adapter: str) -> torch.Tensor:
@@ -99,23 +154,31 @@ class ModelRunner:
         bounds = [0, *itertools.accumulate(lengths)]
         return self.forward.packed(input_ids, positions, token_slots, bounds, keep, adapter)
 
-    def _logits_to_keep(self, requests: list[Request],
-                        lengths: list[int]) -> tuple[torch.Tensor, list[tuple[int, int]]]:
-        """Token indices whose logits are needed, and each request's span within that selection."""
-        keep: list[int] = []
-        spans: list[tuple[int, int]] = []
-        offset = 0
-        for request, length in zip(requests, lengths):
-            wanted = range(offset, offset + length) if request.params.prompt_logprobs is not None \
-                else range(offset + length - 1, offset + length)
-            spans.append((len(keep), len(keep) + len(wanted)))
-            keep.extend(wanted)
-            offset += length
-        return torch.tensor(keep, device=self.device), spans
+    @staticmethod
+    def _wanted(chunk: Chunk) -> list[int]:
+        """The chunk's token offsets whose logits are needed."""
+        if chunk.request.params.prompt_logprobs is not None:
+            return list(range(chunk.end - chunk.start))
+        return [chunk.end - chunk.start - 1] if chunk.completes else []
+
+    @staticmethod
+    def _offsets(chunks: Sequence[Chunk], wanted: list[list[int]]) -> list[int]:
+        """Token indices (within the chunks' part of the pack) of the wanted logits."""
+        offsets, at = [], 0
+        for chunk, offsets_in_chunk in zip(chunks, wanted):
+            offsets += [at + offset for offset in offsets_in_chunk]
+            at += chunk.end - chunk.start
+        return offsets
+
+    @staticmethod
+    def _split(logits: torch.Tensor, wanted: list[list[int]]) -> list[torch.Tensor]:
+        return list(logits.split([len(w) for w in wanted]))
 
 
 class HFForward:
     """An unmodified Hugging Face causal LM (with its PEFT adapters), :class:`SlotKVCache` as its cache."""
+
+    chunked = False
 
     def __init__(self, lora: LoraAdapters, cache: SlotKVCache) -> None:
         self.lora = lora
@@ -132,6 +195,9 @@ class HFForward:
         return self.lora.model(input_ids=input_ids.unsqueeze(0), position_ids=positions.unsqueeze(0),
                                past_key_values=self.cache, use_cache=True, logits_to_keep=keep, **attention,
                                **self.lora.forward_kwargs([adapter], 1)).logits[0]
+
+    def mixed(self, batch: MixedBatch) -> torch.Tensor:
+        raise NotImplementedError('the Hugging Face runner prefills whole prompts in their own forward')
 
     def decode(self, input_ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor,
                adapters: Sequence[str]) -> torch.Tensor:

@@ -1,50 +1,110 @@
-"""Admission and slot bookkeeping: a FIFO of waiting requests and the running samples in slot order."""
+"""Admission, prefill chunks and slot bookkeeping: a FIFO of waiting requests, at most one prompt being prefilled
+over several steps (in the staging slot), and the running samples in slot order."""
 
 from __future__ import annotations
 
 from collections import deque
+from dataclasses import dataclass
 from typing import Optional
 
 from twinkle_async.engines.torch.sequence import Request, Sample
 
-__all__ = ['Scheduler']
+__all__ = ['Scheduler', 'Chunk', 'MIN_CHUNK']
+
+MIN_CHUNK = 64
+"""Prompt tokens a step prefills at least, however many rows decode (so prefill never starves)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Chunk:
+    """Prompt tokens ``start:end`` of ``request`` to prefill this step, their KV cached in ``slot``."""
+
+    request: Request
+    slot: int
+    start: int
+    end: int
+
+    @property
+    def completes(self) -> bool:
+        return self.end == len(self.request.prompt_token_ids)
 
 
 class Scheduler:
-    """``running[i]`` is the sample in KV slot ``i``; slots stay dense (``0..len(running)-1``)."""
+    """``running[i]`` is the sample in KV slot ``i``; slots stay dense (``0..len(running)-1``).
 
-    def __init__(self, num_slots: int, max_batched_tokens: int) -> None:
+    Each step decodes every running sample and prefills prompt tokens within ``max_batched_tokens`` (decode rows
+    count against it). A prompt that fits what is left is prefilled whole, straight into its first sample's slot.
+    With a ``staging_slot`` (the native runner), the next prompt that does not fit is prefilled there a chunk per
+    step while the others keep decoding; without one, the step's first prompt is prefilled whole, whatever its
+    length.
+    """
+
+    def __init__(self, num_slots: int, max_batched_tokens: int, staging_slot: Optional[int]) -> None:
         self.num_slots = num_slots
         self.max_batched_tokens = max_batched_tokens
+        self.staging_slot = staging_slot
         self.waiting: deque[Request] = deque()
         self.running: list[Sample] = []
         self.requests: dict[str, Request] = {}
+        self.staged: Optional[Request] = None  # the request being prefilled in the staging slot
 
     @property
     def idle(self) -> bool:
-        return not self.waiting and not self.running
+        return not self.waiting and not self.running and self.staged is None
+
+    @property
+    def capacity(self) -> int:
+        """KV slots: one per sample, and the staging slot."""
+        return self.num_slots + (self.staging_slot is not None)
+
+    @property
+    def used_slots(self) -> int:
+        return len(self.running) + (self.staged is not None)
 
     def add(self, request: Request) -> None:
         self.requests[request.request_id] = request
         self.waiting.append(request)
 
-    def admit(self) -> list[Request]:
-        """Move waiting requests into free slots, FIFO, within the prefill token budget."""
-        admitted: list[Request] = []
-        tokens = 0
-        while self.waiting:
+    def admit(self) -> list[Chunk]:
+        """This step's prefill work, in order: the staged prompt's next chunk, then waiting prompts (FIFO) whole
+        while they fit, then the next one's first chunk into the free staging slot.
+
+        The samples of every prompt that completes this step get their slots now (after the running ones, in
+        chunk order); :meth:`start` makes them running once their first tokens are sampled.
+        """
+        budget = max(self.max_batched_tokens - len(self.running), MIN_CHUNK)
+        chunks: list[Chunk] = []
+        next_slot, held = len(self.running), 0  # held: slots the staged prompt will need after this step
+        if self.staged is not None:
+            chunks.append(self._next_chunk(self.staged, budget))
+            budget -= chunks[-1].end - chunks[-1].start
+            if chunks[-1].completes:
+                next_slot = self._assign(self.staged, next_slot)
+            else:
+                held = len(self.staged.samples)
+        while self.waiting and budget > 0:
             request = self.waiting[0]
-            prompt = len(request.prompt_token_ids)
-            fits_slots = len(self.running) + len(request.samples) <= self.num_slots
-            if not fits_slots or (admitted and tokens + prompt > self.max_batched_tokens):
+            length, samples = len(request.prompt_token_ids), len(request.samples)
+            if next_slot + held + samples > self.num_slots:
+                break
+            whole = length <= budget or (self.staging_slot is None and not chunks)
+            if not whole and (self.staging_slot is None or self.staged is not None):
                 break
             self.waiting.popleft()
-            for sample in request.samples:
-                sample.slot = len(self.running)
-                self.running.append(sample)
-            admitted.append(request)
-            tokens += prompt
-        return admitted
+            if whole:
+                chunks.append(Chunk(request, next_slot, 0, length))
+                next_slot = self._assign(request, next_slot)
+            else:
+                self.staged = request
+                chunks.append(self._next_chunk(request, budget))
+            budget -= chunks[-1].end - chunks[-1].start
+        return chunks
+
+    def start(self, request: Request) -> None:
+        """``request``'s prompt is cached in its samples' slots: they run from now on."""
+        if request is self.staged:
+            self.staged = None
+        self.running.extend(request.samples)
 
     def release(self, sample: Sample) -> Optional[tuple[int, int]]:
         """Free ``sample``'s slot; returns ``(src, dst)`` when the last slot moved into the hole."""
@@ -61,5 +121,29 @@ class Scheduler:
         self.requests.pop(request.request_id, None)
 
     def remove_waiting(self, request: Request) -> None:
-        self.waiting.remove(request)
+        """Drop a request that has not started (waiting, or staged: the staging slot is free again)."""
+        if request is self.staged:
+            self.staged = None
+        else:
+            self.waiting.remove(request)
         self.finish(request)
+
+    def restart_staged(self) -> None:
+        """Prefill the staged prompt again from its first token (its cached KV is stale: new weights)."""
+        if self.staged is not None:
+            self.staged.num_prefilled = 0
+
+    def _next_chunk(self, request: Request, budget: int) -> Chunk:
+        assert self.staging_slot is not None
+        start = request.num_prefilled
+        end = min(len(request.prompt_token_ids), start + budget)
+        request.num_prefilled = end
+        return Chunk(request, self.staging_slot, start, end)
+
+    @staticmethod
+    def _assign(request: Request, first: int) -> int:
+        """Slots ``first, first + 1, ...`` for ``request``'s samples; returns the next free one."""
+        for sample in request.samples:
+            sample.slot = first
+            first += 1
+        return first

@@ -50,7 +50,8 @@ class Request:
     params: RequestParams
     adapter: str = BASE_MODEL
     samples: list[Sample] = field(default_factory=list)
-    prompt_logprobs: Optional[list[Optional[LogprobRow]]] = None
+    prompt_logprobs: Optional[list[Optional[LogprobRow]]] = None  # filled chunk by chunk while prefilled
+    num_prefilled: int = 0  # prompt tokens cached so far (in the staging slot while prefilled in chunks)
 
     @classmethod
     def from_engine_request(cls, request: EngineRequest, tokenizer: object) -> Request:

@@ -5,9 +5,11 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
+import torch.nn.functional as F
 
 from twinkle_async.engines.torch.attention import causal_packed, grouped_decode
 from twinkle_async.engines.torch.kv_cache import SlotKVCache
+from twinkle_async.engines.torch.model_runner import MixedBatch
 from twinkle_async.engines.torch.native.lora import NativeLora
 from twinkle_async.engines.torch.native.model import NativeCausalLM
 
@@ -15,7 +17,10 @@ __all__ = ['NativeForward']
 
 
 class NativeForward:
-    """:class:`NativeCausalLM` with batched LoRA (:class:`NativeLora`) on :class:`SlotKVCache`."""
+    """:class:`NativeCausalLM` with batched LoRA (:class:`NativeLora`) on :class:`SlotKVCache`; decode rows and
+    prefill chunks run in one forward (:meth:`mixed`)."""
+
+    chunked = True
 
     def __init__(self, model: NativeCausalLM, lora: NativeLora, cache: SlotKVCache) -> None:
         self.model, self.lora, self.cache = model, lora, cache
@@ -32,13 +37,49 @@ class NativeForward:
 
     def decode(self, input_ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor,
                adapters: Sequence[str]) -> torch.Tensor:
-        rows, length = len(input_ids), mask.shape[-1]
-        row_slots = torch.arange(rows, device=input_ids.device)
+        rows = len(input_ids)
 
         def attention(layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
-            self.cache.write(layer, row_slots, positions, key, value)
-            keys, values = self.cache.rows(layer, rows, length)
-            return grouped_decode(query, keys, values, mask, self.scale).reshape(rows, -1)
+            return self._decode_attention(layer, query, key, value, positions, mask).reshape(rows, -1)
 
         hidden = self.model(input_ids, positions, attention, self.lora.delta(adapters))
         return self.model.logits(hidden)
+
+    def mixed(self, batch: MixedBatch) -> torch.Tensor:
+        rows = batch.rows
+
+        def attention(layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+            parts = []
+            if rows:
+                assert batch.decode_mask is not None
+                parts.append(self._decode_attention(layer, query[:rows], key[:rows], value[:rows],
+                                                    batch.positions[:rows], batch.decode_mask))
+            if len(query) > rows:
+                self.cache.write(layer, batch.chunk_slots, batch.positions[rows:], key[rows:], value[rows:])
+                parts += [self._chunk_attention(layer, query, key, value, *span) for span in batch.chunks]
+            return torch.cat(parts).reshape(len(query), -1)
+
+        hidden = self.model(batch.input_ids, batch.positions, attention, self.lora.delta(batch.adapters))
+        return self.model.logits(hidden[batch.keep])
+
+    def _decode_attention(self, layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                          positions: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        rows = len(query)
+        self.cache.write(layer, torch.arange(rows, device=query.device), positions, key, value)
+        keys, values = self.cache.rows(layer, rows, mask.shape[-1])
+        return grouped_decode(query, keys, values, mask, self.scale)
+
+    def _chunk_attention(self, layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                         first: int, end: int, slot: int, start: int) -> torch.Tensor:
+        """Causal attention of prompt positions ``start..`` (pack tokens ``first:end``) over everything cached
+        before them in ``slot`` and themselves; ``[end - first, H, D]``."""
+        if start == 0:
+            return causal_packed(query[first:end], key[first:end], value[first:end], [0, end - first], self.scale)
+        length = start + end - first
+        keys = self.cache.keys[layer][slot, :, :length].unsqueeze(0)
+        values = self.cache.values[layer][slot, :, :length].unsqueeze(0)
+        seen = torch.arange(length, device=query.device) <= torch.arange(start, length, device=query.device)[:, None]
+        out = F.scaled_dot_product_attention(query[first:end].transpose(0, 1).unsqueeze(0), keys, values,
+                                             attn_mask=seen, scale=self.scale,
+                                             enable_gqa=query.shape[1] != keys.shape[1])
+        return out[0].transpose(0, 1)
