@@ -72,6 +72,7 @@ def _native(model_dir: Path, config: Any, args: TorchEngineArgs, dtype: torch.dt
     from transformers import GenerationConfig
 
     from twinkle_async.engines.torch.native.checkpoint import load_native, unsupported_reason
+    from twinkle_async.engines.torch.native.kernels import decode_attention_kernel
 
     max_len = model_max_len(config)
     reason = unsupported_reason(config, args.max_model_len or max_len)
@@ -81,6 +82,8 @@ def _native(model_dir: Path, config: Any, args: TorchEngineArgs, dtype: torch.dt
         logger.info('torch engine: the Hugging Face runner serves %s (%s)', model_dir, reason)
         return None
     model = load_native(model_dir, config, dtype, device, args.max_model_len or max_len)
+    if device.type == 'cpu':
+        decode_attention_kernel()  # built (or found in torch's cache) here, off the event loop
     try:
         model.generation_config = GenerationConfig.from_pretrained(model_dir)
     except OSError:  # no generation_config.json

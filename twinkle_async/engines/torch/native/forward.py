@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from twinkle_async.engines.torch.attention import causal_packed, grouped_decode
 from twinkle_async.engines.torch.kv_cache import SlotKVCache
 from twinkle_async.engines.torch.model_runner import MixedBatch
+from twinkle_async.engines.torch.native.kernels import decode_attention_kernel
 from twinkle_async.engines.torch.native.lora import NativeLora
 from twinkle_async.engines.torch.native.model import NativeCausalLM
 
@@ -25,6 +26,7 @@ class NativeForward:
     def __init__(self, model: NativeCausalLM, lora: NativeLora, cache: SlotKVCache) -> None:
         self.model, self.lora, self.cache = model, lora, cache
         self.scale = model.shape.head_dim ** -0.5
+        self.kernel = decode_attention_kernel() if model.embed_tokens.weight.device.type == 'cpu' else None
 
     def packed(self, input_ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, bounds: list[int],
                keep: torch.Tensor, adapter: str) -> torch.Tensor:
@@ -66,6 +68,9 @@ class NativeForward:
                           positions: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         rows = len(query)
         self.cache.write(layer, torch.arange(rows, device=query.device), positions, key, value)
+        if self.kernel is not None:  # each row reads its own length in place
+            return self.kernel.decode_attention(query.contiguous(), self.cache.keys[layer], self.cache.values[layer],
+                                                positions + 1, self.scale, torch.get_num_threads())
         keys, values = self.cache.rows(layer, rows, mask.shape[-1])
         return grouped_decode(query, keys, values, mask, self.scale)
 

@@ -1,0 +1,71 @@
+"""Decode attention on CPU: the native runner's kernel vs SDPA over the padded slot cache (what it replaces).
+
+One layer's decode attention for ``--rows`` rows with the default model's heads (9 query, 3 KV, head size 64),
+each row's cached length drawn between half and all of ``--length``; the kernel reads each row's own length,
+SDPA reads every row up to the longest under a mask. Best of ``--repeats``; the outputs are compared.
+
+Run:
+    .venv/bin/python benchmarks/bench_decode_attention.py
+"""
+
+from __future__ import annotations
+
+import time
+from functools import partial
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from twinkle_async.engines.torch.native.kernels import decode_attention_kernel
+
+from common import benchmark_parser, format_table, machine_info, save_results
+
+
+def best_ms(run: Callable[[], torch.Tensor], repeats: int) -> float:
+    run()
+    best = float('inf')
+    for _ in range(repeats):
+        began = time.perf_counter()
+        run()
+        best = min(best, time.perf_counter() - began)
+    return best * 1e3
+
+
+def main() -> None:
+    parser = benchmark_parser(__doc__.split('\n\n')[0])
+    parser.add_argument('--rows', type=int, default=256)
+    parser.add_argument('--lengths', default='100,500,2000', help='longest cached length per case')
+    parser.add_argument('--repeats', type=int, default=10)
+    args = parser.parse_args()
+    kernel = decode_attention_kernel()
+    if kernel is None:
+        raise SystemExit('the kernel could not be built here (see the warning above)')
+    print(f'machine: {machine_info()}')
+    heads, kv_heads, dim, rows = 9, 3, 64, args.rows
+    table, results = [], []
+    torch.manual_seed(0)
+    for dtype in (torch.float32, torch.bfloat16):
+        for longest in (int(n) for n in args.lengths.split(',')):
+            keys = torch.randn(rows, kv_heads, longest, dim, dtype=dtype)
+            values = torch.randn(rows, kv_heads, longest, dim, dtype=dtype)
+            query = torch.randn(rows, heads, dim, dtype=dtype)
+            lengths = torch.randint(longest // 2, longest + 1, (rows,))
+            visible = torch.arange(longest)[None] < lengths[:, None]
+            mask = torch.where(visible, 0.0, float('-inf')).to(dtype)[:, None, None]
+            grouped = query.view(rows, kv_heads, heads // kv_heads, dim)
+            sdpa = partial(F.scaled_dot_product_attention, grouped, keys, values, attn_mask=mask, scale=0.125)
+            ours = partial(kernel.decode_attention, query, keys, values, lengths, 0.125, torch.get_num_threads())
+
+            gap = (ours().float() - sdpa().view(rows, heads, dim).float()).abs().max().item()
+            ms_sdpa, ms_ours = best_ms(sdpa, args.repeats), best_ms(ours, args.repeats)
+            table.append([str(dtype).removeprefix('torch.'), longest, f'{ms_sdpa:.2f}', f'{ms_ours:.2f}',
+                          f'{ms_sdpa / ms_ours:.2f}x', f'{gap:.1e}'])
+            results.append({'dtype': str(dtype), 'longest': longest, 'sdpa_ms': ms_sdpa, 'kernel_ms': ms_ours,
+                            'max_abs_difference': gap})
+    print(format_table(['dtype', 'longest', 'SDPA ms', 'kernel ms', 'speed-up', 'max |diff|'], table))
+    save_results(args, results=results)
+
+
+if __name__ == '__main__':
+    main()

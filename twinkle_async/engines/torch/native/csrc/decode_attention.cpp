@@ -1,0 +1,81 @@
+// Decode attention over the slot KV cache on CPU: one query token per row, each row reading only its own
+// cached length (no padding to the longest row), grouped-query heads sharing each K/V row as it is loaded.
+// Built on first use by twinkle_async.engines.torch.native.kernels (torch.utils.cpp_extension.load).
+#include <torch/extension.h>
+#include <omp.h>
+#include <cmath>
+#include <vector>
+
+template <typename T> static inline float f(T x) { return static_cast<float>(x); }
+
+template <typename T>
+static void run(const T* q, const T* k, const T* v, T* out, const int64_t* lengths, int64_t B, int64_t H,
+                int64_t Hkv, int64_t D, int64_t head_stride, int64_t slot_stride, float scale, int threads) {
+  const int64_t G = H / Hkv;
+  #pragma omp parallel num_threads(threads)
+  {
+    std::vector<float> scores, acc(G * D), qf(G * D), row(D);
+    #pragma omp for schedule(dynamic, 4)
+    for (int64_t i = 0; i < B * Hkv; ++i) {
+      const int64_t b = i / Hkv, h = i % Hkv, L = lengths[b];
+      const T* kb = k + b * slot_stride + h * head_stride;
+      const T* vb = v + b * slot_stride + h * head_stride;
+      scores.resize(G * L);
+      for (int64_t g = 0; g < G; ++g)
+        for (int64_t d = 0; d < D; ++d) qf[g * D + d] = f(q[(b * H + h * G + g) * D + d]) * scale;
+      for (int64_t t = 0; t < L; ++t) {
+        const T* kt = kb + t * D;
+        for (int64_t d = 0; d < D; ++d) row[d] = f(kt[d]);
+        for (int64_t g = 0; g < G; ++g) {
+          const float* qg = qf.data() + g * D;
+          float s = 0.f;
+          #pragma omp simd reduction(+:s)
+          for (int64_t d = 0; d < D; ++d) s += qg[d] * row[d];
+          scores[g * L + t] = s;
+        }
+      }
+      for (int64_t g = 0; g < G; ++g) {
+        float* sg = scores.data() + g * L;
+        float m = -INFINITY;
+        for (int64_t t = 0; t < L; ++t) m = sg[t] > m ? sg[t] : m;
+        float sum = 0.f;
+        for (int64_t t = 0; t < L; ++t) { sg[t] = std::exp(sg[t] - m); sum += sg[t]; }
+        const float inv = 1.f / sum;
+        for (int64_t t = 0; t < L; ++t) sg[t] *= inv;
+      }
+      std::fill(acc.begin(), acc.end(), 0.f);
+      for (int64_t t = 0; t < L; ++t) {
+        const T* vt = vb + t * D;
+        for (int64_t d = 0; d < D; ++d) row[d] = f(vt[d]);
+        for (int64_t g = 0; g < G; ++g) {
+          const float w = scores[g * L + t];
+          float* ag = acc.data() + g * D;
+          #pragma omp simd
+          for (int64_t d = 0; d < D; ++d) ag[d] += w * row[d];
+        }
+      }
+      for (int64_t g = 0; g < G; ++g)
+        for (int64_t d = 0; d < D; ++d) out[(b * H + h * G + g) * D + d] = static_cast<T>(acc[g * D + d]);
+    }
+  }
+}
+
+torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor lengths,
+                               double scale, int64_t threads) {
+  TORCH_CHECK(q.dim() == 3 && q.is_contiguous(), "q must be a contiguous [B, H, D] tensor");
+  TORCH_CHECK(k.dim() == 4 && k.sizes() == v.sizes() && k.strides() == v.strides(), "k, v: [S, H_kv, capacity, D]");
+  TORCH_CHECK(k.stride(3) == 1 && k.stride(2) == k.size(3) && k.size(3) == q.size(2), "k, v rows must be contiguous");
+  TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(), "q, k, v: one dtype");
+  TORCH_CHECK(lengths.scalar_type() == at::kLong && lengths.is_contiguous() && lengths.size(0) == q.size(0),
+              "lengths: int64 [B]");
+  TORCH_CHECK(q.size(0) <= k.size(0) && q.size(1) % k.size(1) == 0, "B <= S and H a multiple of H_kv");
+  auto out = torch::empty_like(q);
+  const int64_t B = q.size(0), H = q.size(1), D = q.size(2), Hkv = k.size(1);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "decode_attention", [&] {
+    run<scalar_t>(q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(),
+                  lengths.data_ptr<int64_t>(), B, H, Hkv, D, k.stride(1), k.stride(0), (float)scale, (int)threads);
+  });
+  return out;
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) { m.def("decode_attention", &decode_attention); }
