@@ -14,16 +14,48 @@ from twinkle_async.adapters import PEFT_BASE, AdapterSpec
 from twinkle_async.errors import AdapterNotFoundError, InvalidAdapterError, WeightUpdateError
 from twinkle_async.weights import NamedTensors, TensorSpec, conformed
 
-__all__ = ['LoraAdapters']
+__all__ = ['AdapterTensors', 'LoraAdapters']
 
 
-class LoraAdapters:
-    """The served model with zero or more LoRA adapters; ``model`` is what the runner calls."""
+class AdapterTensors:
+    """Loaded adapters' A/B tensors by their PEFT-saved names (``params``), shared by both runners' adapters:
+    what they are, checked staging of an update, and copying it in."""
+
+    def __init__(self) -> None:
+        self.params: dict[str, dict[str, torch.Tensor]] = {}  # adapter -> PEFT-saved key -> tensor
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.params)
+
+    def specs(self, name: str) -> dict[str, TensorSpec]:
+        """Raises AdapterNotFoundError: no adapter ``name``."""
+        if name not in self.params:
+            raise AdapterNotFoundError(f'adapter {name!r} is not loaded')
+        return {key: TensorSpec(tuple(p.shape), p.dtype) for key, p in self.params[name].items()}
+
+    def stage(self, name: str, tensors: NamedTensors, complete: bool = False) -> dict[str, torch.Tensor]:
+        """Checked copies of ``tensors`` for adapter ``name`` (``complete``: every key must be there)."""
+        specs = self.specs(name)
+        staged = {key: t.clone() for key, t in conformed(tensors, specs, f'adapter {name!r}')}
+        missing = sorted(set(specs) - set(staged)) if complete else []
+        if missing:
+            raise WeightUpdateError(f'adapter {name!r} is missing {len(missing)} tensor(s), e.g. {missing[0]!r}')
+        return staged
+
+    def load(self, name: str, staged: dict[str, torch.Tensor]) -> None:
+        params = self.params[name]
+        for key, tensor in staged.items():
+            params[key].copy_(tensor)
+
+
+class LoraAdapters(AdapterTensors):
+    """The served model with zero or more LoRA adapters (PEFT); ``model`` is what the runner calls."""
 
     def __init__(self, model: Any) -> None:
+        super().__init__()
         self.base = model
         self.peft: Any = None
-        self.params: dict[str, dict[str, torch.Tensor]] = {}  # adapter -> PEFT-saved key -> parameter
 
     @property
     def model(self) -> Any:
@@ -32,10 +64,6 @@ class LoraAdapters:
     @property
     def active(self) -> bool:
         return self.peft is not None
-
-    @property
-    def names(self) -> list[str]:
-        return list(self.params)
 
     def forward_kwargs(self, adapter_names: list[str], rows: int) -> dict[str, Any]:
         """PEFT's per-row adapter names for the first ``rows`` rows; nothing while no adapter is loaded."""
@@ -82,25 +110,6 @@ class LoraAdapters:
             raise AdapterNotFoundError(f'adapter {name!r} is not loaded')
         del self.params[name]
         self._discard(name)
-
-    def specs(self, name: str) -> dict[str, TensorSpec]:
-        if name not in self.params:
-            raise AdapterNotFoundError(f'adapter {name!r} is not loaded')
-        return {key: TensorSpec(tuple(p.shape), p.dtype) for key, p in self.params[name].items()}
-
-    def stage(self, name: str, tensors: NamedTensors, complete: bool = False) -> dict[str, torch.Tensor]:
-        """Checked copies of ``tensors`` for adapter ``name`` (``complete``: every key must be there)."""
-        specs = self.specs(name)
-        staged = {key: t.clone() for key, t in conformed(tensors, specs, f'adapter {name!r}')}
-        missing = sorted(set(specs) - set(staged)) if complete else []
-        if missing:
-            raise WeightUpdateError(f'adapter {name!r} is missing {len(missing)} tensor(s), e.g. {missing[0]!r}')
-        return staged
-
-    def load(self, name: str, staged: dict[str, torch.Tensor]) -> None:
-        params = self.params[name]
-        for key, tensor in staged.items():
-            params[key].copy_(tensor)
 
     def _saved_keys(self, name: str) -> dict[str, torch.Tensor]:
         saved: dict[str, torch.Tensor] = {}

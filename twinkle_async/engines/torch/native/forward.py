@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from dataclasses import dataclass
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -15,6 +16,21 @@ from twinkle_async.engines.torch.native.lora import NativeLora
 from twinkle_async.engines.torch.native.model import NativeCausalLM
 
 __all__ = ['NativeForward']
+
+
+@dataclass(frozen=True, slots=True)
+class _DecodeRows:
+    """One step's decode rows, the same for every layer: row ``i`` in slot ``i`` at ``positions[i]``."""
+
+    slots: torch.Tensor
+    positions: torch.Tensor
+    lengths: torch.Tensor  # cached length each row attends to, itself included
+    mask: torch.Tensor     # additive [rows, 1, 1, L], for SDPA when the kernel is not built
+
+    @classmethod
+    def of(cls, positions: torch.Tensor, mask: Optional[torch.Tensor]) -> _DecodeRows:
+        assert mask is not None
+        return cls(torch.arange(len(positions), device=positions.device), positions, positions + 1, mask)
 
 
 class NativeForward:
@@ -39,23 +55,22 @@ class NativeForward:
 
     def decode(self, input_ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor,
                adapters: Sequence[str]) -> torch.Tensor:
-        rows = len(input_ids)
+        rows = _DecodeRows.of(positions, mask)
 
         def attention(layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
-            return self._decode_attention(layer, query, key, value, positions, mask).reshape(rows, -1)
+            return self._decode_attention(layer, query, key, value, rows).reshape(len(query), -1)
 
         hidden = self.model(input_ids, positions, attention, self.lora.delta(adapters))
         return self.model.logits(hidden)
 
     def mixed(self, batch: MixedBatch) -> torch.Tensor:
         rows = batch.rows
+        decode_rows = _DecodeRows.of(batch.positions[:rows], batch.decode_mask) if rows else None
 
         def attention(layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
             parts = []
-            if rows:
-                assert batch.decode_mask is not None
-                parts.append(self._decode_attention(layer, query[:rows], key[:rows], value[:rows],
-                                                    batch.positions[:rows], batch.decode_mask))
+            if decode_rows is not None:
+                parts.append(self._decode_attention(layer, query[:rows], key[:rows], value[:rows], decode_rows))
             if len(query) > rows:
                 self.cache.write(layer, batch.chunk_slots, batch.positions[rows:], key[rows:], value[rows:])
                 parts += [self._chunk_attention(layer, query, key, value, *span) for span in batch.chunks]
@@ -65,14 +80,13 @@ class NativeForward:
         return self.model.logits(hidden[batch.keep])
 
     def _decode_attention(self, layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                          positions: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        rows = len(query)
-        self.cache.write(layer, torch.arange(rows, device=query.device), positions, key, value)
+                          rows: _DecodeRows) -> torch.Tensor:
+        self.cache.write(layer, rows.slots, rows.positions, key, value)
         if self.kernel is not None:  # each row reads its own length in place
             return self.kernel.decode_attention(query.contiguous(), self.cache.keys[layer], self.cache.values[layer],
-                                                positions + 1, self.scale, torch.get_num_threads())
-        keys, values = self.cache.rows(layer, rows, mask.shape[-1])
-        return grouped_decode(query, keys, values, mask, self.scale)
+                                                rows.lengths, self.scale, torch.get_num_threads())
+        keys, values = self.cache.rows(layer, len(query), rows.mask.shape[-1])
+        return grouped_decode(query, keys, values, rows.mask, self.scale)
 
     def _chunk_attention(self, layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                          first: int, end: int, slot: int, start: int) -> torch.Tensor:

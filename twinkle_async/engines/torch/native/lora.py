@@ -15,9 +15,9 @@ from typing import Any, Optional, Sequence
 import torch
 
 from twinkle_async.adapters import BASE_MODEL, AdapterSpec
+from twinkle_async.engines.torch.lora import AdapterTensors
 from twinkle_async.engines.torch.native.model import LoraDelta, NativeCausalLM
-from twinkle_async.errors import AdapterNotFoundError, InvalidAdapterError, WeightUpdateError
-from twinkle_async.weights import NamedTensors, TensorSpec, conformed
+from twinkle_async.errors import AdapterNotFoundError, InvalidAdapterError
 
 __all__ = ['NativeLora']
 
@@ -34,17 +34,13 @@ class _Update:
     columns: slice
 
 
-class NativeLora:
+class NativeLora(AdapterTensors):
     """Adapters of a :class:`NativeCausalLM`, keyed by their PEFT-saved tensor names."""
 
     def __init__(self, model: NativeCausalLM) -> None:
+        super().__init__()
         self.model = model
-        self.params: dict[str, dict[str, torch.Tensor]] = {}  # adapter -> PEFT-saved key -> tensor
         self._updates: dict[str, dict[tuple[int, str], list[_Update]]] = {}
-
-    @property
-    def names(self) -> list[str]:
-        return list(self.params)
 
     def add(self, spec: AdapterSpec) -> None:
         """Load ``spec`` (replacing an adapter of the same name).
@@ -79,25 +75,6 @@ class NativeLora:
         if name not in self.params:
             raise AdapterNotFoundError(f'adapter {name!r} is not loaded')
         del self.params[name], self._updates[name]
-
-    def specs(self, name: str) -> dict[str, TensorSpec]:
-        if name not in self.params:
-            raise AdapterNotFoundError(f'adapter {name!r} is not loaded')
-        return {key: TensorSpec(tuple(t.shape), t.dtype) for key, t in self.params[name].items()}
-
-    def stage(self, name: str, tensors: NamedTensors, complete: bool = False) -> dict[str, torch.Tensor]:
-        """Checked copies of ``tensors`` for adapter ``name`` (``complete``: every key must be there)."""
-        specs = self.specs(name)
-        staged = {key: t.clone() for key, t in conformed(tensors, specs, f'adapter {name!r}')}
-        missing = sorted(set(specs) - set(staged)) if complete else []
-        if missing:
-            raise WeightUpdateError(f'adapter {name!r} is missing {len(missing)} tensor(s), e.g. {missing[0]!r}')
-        return staged
-
-    def load(self, name: str, staged: dict[str, torch.Tensor]) -> None:
-        params = self.params[name]
-        for key, tensor in staged.items():
-            params[key].copy_(tensor)
 
     def delta(self, adapters: Sequence[str]) -> Optional[LoraDelta]:
         """The LoRA updates for a batch whose row ``i`` uses ``adapters[i]`` (one name: every row uses it);
