@@ -20,8 +20,11 @@ class TorchEngineArgs(BaseModel):
     """Options of the native PyTorch engine.
 
     ``dtype``, ``max_model_len``, ``max_num_seqs`` and ``seed`` mean the same as on the vLLM engine.
-    ``max_num_seqs`` counts samples (KV slots), ``max_num_batched_tokens`` bounds one prefill,
-    ``kv_cache_memory_bytes`` bounds the slot KV cache (``max_num_seqs * max_model_len`` tokens).
+    ``max_num_seqs`` counts samples (KV slots), ``max_num_batched_tokens`` bounds the tokens of one step (decode rows
+    and prefill). ``kv_cache_memory_bytes`` bounds the KV cache: the native runner's paged pool of ``block_size``-
+    position blocks (requests wait until it can hold them to their ``max_tokens``; the samples of a request share
+    their prompt's blocks, and prompts share cached prefixes), or the HF runner's slot cache, which must hold
+    ``max_num_seqs * max_model_len`` positions.
     ``logprobs_mode`` and ``max_logprobs`` mean what they mean in vLLM (see ``engines.base.LogprobsMode``);
     ``torch_dtype`` is another name for ``dtype``. ``runner``: ``'native'`` runs the Llama family (Llama, Mistral,
     Qwen2, Qwen3) on the engine's own fused model, ``'hf'`` any causal LM through its Hugging Face modules, ``'auto'``
@@ -39,6 +42,7 @@ class TorchEngineArgs(BaseModel):
     seed: int = 0
     device: str = 'auto'
     kv_cache_memory_bytes: int = Field(default=4 * 2**30, ge=1)
+    block_size: int = Field(default=16, ge=1, le=1024)
     trust_remote_code: bool = False
     attn_implementation: Literal['twinkle', 'sdpa', 'eager'] = 'twinkle'
     runner: Literal['auto', 'native', 'hf'] = 'auto'

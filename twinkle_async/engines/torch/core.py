@@ -15,9 +15,9 @@ from typing import Any, Callable, Optional
 import torch
 
 from twinkle_async.engines.base import EngineOutput, EngineRequest, EngineStats, PauseMode
-from twinkle_async.engines.torch.kv_cache import STAGING_SLOTS, SlotKVCache
+from twinkle_async.engines.torch.kv_cache import STAGING_SLOTS
 from twinkle_async.engines.torch.model_runner import ModelRunner
-from twinkle_async.engines.torch.parts import runner_parts
+from twinkle_async.engines.torch.parts import CacheLimits, runner_parts
 from twinkle_async.engines.torch.postprocess import OutputProcessor
 from twinkle_async.engines.torch.prompt_logprobs import prompt_logprob_rows
 from twinkle_async.engines.torch.sampling import BatchFlags, sample_tokens
@@ -38,6 +38,8 @@ class CoreConfig:
     max_num_batched_tokens: int
     seed: int
     eos_token_ids: frozenset[int]
+    kv_cache_memory_bytes: int
+    block_size: int
     processed_logprobs: bool = False
 
 
@@ -55,11 +57,12 @@ class EngineCore:
         self.tokenizer = tokenizer
         self.inbox: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
         self.table = SlotTable(config.max_num_seqs, text_config.vocab_size, device, config.seed)
-        self.cache = SlotKVCache.for_model(model, config.max_num_seqs + STAGING_SLOTS, config.max_model_len, device)
-        self.parts = runner_parts(model, self.cache)
-        self.lora = self.parts.lora
+        limits = CacheLimits(config.max_num_seqs + STAGING_SLOTS, config.max_model_len, config.kv_cache_memory_bytes,
+                             config.block_size)
+        self.parts = runner_parts(model, limits, device)
+        self.cache, self.lora = self.parts.cache, self.parts.lora
         self.runner = ModelRunner(self.parts.forward, self.cache, self.table, model.dtype, device)
-        self.scheduler = Scheduler(config.max_num_seqs, config.max_num_batched_tokens,
+        self.scheduler = Scheduler(self.cache, config.max_num_seqs, config.max_num_batched_tokens,
                                    config.max_num_seqs if self.parts.forward.chunked else None)
         self.processor = OutputProcessor(config.eos_token_ids, config.max_model_len)
         self.processed_logprobs = config.processed_logprobs
@@ -122,9 +125,10 @@ class EngineCore:
     # -- run on this thread through ``call`` --
     def stats(self) -> EngineStats:
         s = self.scheduler
+        queries, hits = self.cache.prefix_counts
         return EngineStats(waiting=len(s.waiting) + len(self.held), running=len(s.requests) - len(s.waiting),
-                           used_slots=s.used_slots, kv_usage=s.used_slots / s.capacity, steps=self.steps,
-                           aborted=self.aborted)
+                           used_slots=s.used_slots, kv_usage=self.cache.usage, prefix_cache_queries=queries,
+                           prefix_cache_hits=hits, steps=self.steps, aborted=self.aborted)
 
     def pause(self, mode: PauseMode, on_paused: Callable[[], object]) -> None:
         """Hold new requests; 'abort' ends those in flight, 'keep' freezes them, 'wait' lets them finish."""
@@ -147,8 +151,14 @@ class EngineCore:
         """Apply new weights between steps; running samples' KV is rebuilt before they go on."""
         apply()
         self.weight_version = version
+        self.cache.new_weights(version)
         self._stale_kv = bool(self.scheduler.running)
         self.scheduler.restart_staged()
+
+    def change_adapters(self, change: Callable[[], None]) -> None:
+        """Load, replace or unload an adapter: KV cached under an adapter's name may no longer be its."""
+        change()
+        self.cache.reset_prefix_cache()
 
     # -- internals --
     @property
@@ -164,10 +174,7 @@ class EngineCore:
             assert request.prompt_logprobs is not None
             request.prompt_logprobs += prompt_logprob_rows(
                 logits, request.prompt_token_ids[chunk.start + 1:chunk.end + 1], request.params.prompt_logprobs)
-        if chunk.completes:  # every sample's slot holds the prompt (the first one's holds it already, unless staged)
-            for sample in request.samples:
-                if sample.slot != chunk.slot:
-                    self.cache.copy_slot(chunk.slot, sample.slot, len(request.prompt_token_ids))
+        self.cache.commit_prompt(chunk.slot, chunk.end)
         return chunk.completes
 
     def _start(self, requests: list[Request], last_logits: torch.Tensor) -> list[EngineOutput]:
@@ -202,9 +209,7 @@ class EngineCore:
     def _release(self, sample: Sample) -> None:
         moved = self.scheduler.release(sample)
         if moved is not None:
-            src, dst = moved
-            self.cache.copy_slot(src, dst, self.scheduler.running[dst].num_cached)
-            self.table.move(src, dst)
+            self.table.move(*moved)
         if sample.request.finished:
             self.scheduler.finish(sample.request)
 

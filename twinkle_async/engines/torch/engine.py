@@ -15,6 +15,7 @@ from twinkle_async.engines.torch.args import TorchEngineArgs, parse_engine_args
 from twinkle_async.engines.torch.core import CoreConfig, EngineCore
 from twinkle_async.engines.torch.kv_cache import STAGING_SLOTS, SlotKVCache
 from twinkle_async.engines.torch.loader import load_model, model_max_len
+from twinkle_async.engines.torch.native.model import NativeCausalLM
 from twinkle_async.errors import EngineArgsError, EngineDeadError, InvalidRequestError, NotSupportedError
 from twinkle_async.weights import NamedTensors, stage_update
 
@@ -44,7 +45,8 @@ class TorchEngine:
         self._collectors: dict[str, OutputCollector[EngineOutput]] = {}
         self._dead: Optional[BaseException] = None
         config = CoreConfig(args.max_num_seqs, max_model_len, args.max_num_batched_tokens, args.seed,
-                            _eos_token_ids(model, tokenizer), args.logprobs_mode == 'processed_logprobs')
+                            _eos_token_ids(model, tokenizer), args.kv_cache_memory_bytes, args.block_size,
+                            args.logprobs_mode == 'processed_logprobs')
         self.core = EngineCore(model, tokenizer, config, self._emit_threadsafe, self._fail_threadsafe)
         self.weights = self.core.parts.weights
         self._weight_version = 0
@@ -75,12 +77,19 @@ class TorchEngine:
 
         Raises:
             EngineDeadError: the engine thread died (now or while this request ran).
-            InvalidRequestError: ``num_samples`` exceeds the engine's slots.
+            InvalidRequestError: ``num_samples`` exceeds the engine's slots, or the request needs more KV memory than
+                the cache has.
         """
         self._check_alive()
-        if request.params.num_samples > self.args.max_num_seqs:
-            raise InvalidRequestError(f'num_samples={request.params.num_samples} exceeds this engine\'s '
+        params = request.params
+        if params.num_samples > self.args.max_num_seqs:
+            raise InvalidRequestError(f'num_samples={params.num_samples} exceeds this engine\'s '
                                       f'max_num_seqs={self.args.max_num_seqs}')
+        if not self.core.cache.fits(len(request.prompt_token_ids), params.num_samples, params.max_tokens):
+            raise InvalidRequestError(
+                f'a {len(request.prompt_token_ids)}-token prompt with num_samples={params.num_samples} and '
+                f'max_tokens={params.max_tokens} needs more KV memory than kv_cache_memory_bytes='
+                f'{self.args.kv_cache_memory_bytes} holds; lower one of them or raise the budget')
         collector: OutputCollector[EngineOutput] = OutputCollector()
         self._collectors[request.request_id] = collector
         self.core.submit(request)
@@ -118,11 +127,11 @@ class TorchEngine:
     async def add_adapter(self, spec: AdapterSpec) -> None:
         """Load ``spec`` with PEFT (replacing an adapter of that name)."""
         check_fits(spec, self.weights.specs)
-        await self._call(lambda: self.core.lora.add(spec))
+        await self._call(lambda: self.core.change_adapters(lambda: self.core.lora.add(spec)))
 
     async def remove_adapter(self, name: str) -> None:
         """Unload ``name``."""
-        await self._call(lambda: self.core.lora.remove(name))
+        await self._call(lambda: self.core.change_adapters(lambda: self.core.lora.remove(name)))
 
     async def update_weights(self, weights: NamedTensors, adapter_name: str, version: int) -> None:
         """Check and stage every tensor (off the loop), then copy them in between two steps, all at once.
@@ -170,8 +179,12 @@ class TorchEngine:
         await self.resume()
 
     async def reset_cache(self, kind: CacheKind) -> None:
-        """A no-op: this engine keeps no prefix, multimodal or encoder cache (each sample's KV slot is its own)."""
-        self._check_alive()
+        """``'prefix'``: forget the prefix cache (the native runner's; the HF runner keeps none). This engine keeps
+        no multimodal or encoder cache."""
+        if kind == 'prefix':
+            await self._call(self.core.cache.reset_prefix_cache)
+        else:
+            self._check_alive()
 
     async def close(self) -> None:
         """Stop the thread; requests still open fail with :class:`EngineDeadError`."""
@@ -256,12 +269,15 @@ def _max_model_len(model: Any, args: TorchEngineArgs) -> int:
 
 
 def _check_kv_budget(model: Any, args: TorchEngineArgs, max_model_len: int) -> None:
-    needed = SlotKVCache.bytes_per_token(model) * (args.max_num_seqs + STAGING_SLOTS) * max_model_len
+    """The HF runner's slot cache must hold every slot at full length, the native runner's paged pool one sample."""
+    slots = 1 if isinstance(model, NativeCausalLM) else args.max_num_seqs + STAGING_SLOTS
+    needed = SlotKVCache.bytes_per_token(model) * slots * (max_model_len + args.block_size)
     if needed > args.kv_cache_memory_bytes:
+        holds = f'max_num_seqs={args.max_num_seqs} x ' if slots > 1 else 'one sample of '
         raise EngineArgsError(
-            f'the KV cache for max_num_seqs={args.max_num_seqs} x max_model_len={max_model_len} needs '
-            f'{needed / 2**30:.2f} GiB, over kv_cache_memory_bytes={args.kv_cache_memory_bytes / 2**30:.2f} GiB; '
-            'lower one of them or raise the budget')
+            f'the KV cache for {holds}max_model_len={max_model_len} needs {needed / 2**30:.2f} GiB, over '
+            f'kv_cache_memory_bytes={args.kv_cache_memory_bytes / 2**30:.2f} GiB; lower one of them or raise the '
+            'budget')
 
 
 def _eos_token_ids(model: Any, tokenizer: Any) -> frozenset[int]:

@@ -1,22 +1,70 @@
-"""Slot KV cache: one row of K/V per running sample, handed to an unmodified HF model as its cache.
+"""The KV caches' one interface (:class:`KVCache`), and the Hugging Face runner's: a slot KV cache, one row of K/V
+per running sample, handed to an unmodified HF model as its cache.
 
 Rows ``0..B-1`` always hold the ``B`` running samples (the scheduler compacts on release), so a
-decode step reads plain views ``keys[:B, :, :kv_len]`` and copies nothing. Capacity along the
-sequence axis grows on demand up to ``max_len``, so memory follows the longest running sequence.
+decode step reads plain views ``keys[:B, :, :kv_len]``. Capacity along the sequence axis grows on
+demand up to ``max_len``, so memory follows the longest running sequence. The native runner's cache
+is paged (:mod:`~twinkle_async.engines.torch.paged_cache`).
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional, Protocol, Sequence
 
 import torch
 
-__all__ = ['SlotKVCache', 'STAGING_SLOTS']
+__all__ = ['KVCache', 'SlotKVCache', 'STAGING_SLOTS', 'kv_shape']
 
 STAGING_SLOTS = 1
 """Slots beyond ``max_num_seqs``: where a prompt too long for one step is prefilled chunk by chunk."""
 
 _GROWTH = 256
+
+
+class KVCache(Protocol):
+    """What the engine core and scheduler do with a KV cache; slot ``i`` holds the KV of the sample in slot ``i``."""
+
+    @property
+    def usage(self) -> float:
+        """The share of the cache's memory held, 0..1."""
+
+    @property
+    def prefix_counts(self) -> tuple[int, int]:
+        """Prompt tokens looked up in the prefix cache, and found there, since the start."""
+
+    def fits(self, prompt_len: int, num_samples: int, max_new: int) -> bool:
+        """Whether a request of this size fits the cache when nothing else runs."""
+
+    def cached_tokens(self, prompt: Sequence[int], adapter: str) -> int:
+        """Leading prompt tokens whose KV is cached already (a prefix cache hit)."""
+
+    def reserve(self, slot: int, prompt: Sequence[int], num_samples: int, max_new: int, adapter: str,
+                use_cached: bool = True) -> Optional[int]:
+        """Hold memory for a request prefilled into ``slot`` whose samples generate up to ``max_new`` tokens;
+        ``None`` if it does not fit now, else the prompt tokens already cached (``slot`` holds them)."""
+
+    def commit_prompt(self, slot: int, length: int) -> None:
+        """The prompt's positions ``< length`` are written in ``slot``."""
+
+    def grow(self, slot: int, length: int) -> None:
+        """Make the slot's positions ``< length`` writable."""
+
+    def fork(self, src: int, dst: int, length: int) -> None:
+        """``dst`` starts with ``src``'s first ``length`` positions (another sample of the same prompt)."""
+
+    def move(self, src: int, dst: int, length: int) -> None:
+        """The sample in ``src`` (``length`` positions cached) moves to ``dst``."""
+
+    def free(self, slot: int) -> None:
+        """The slot's sample is gone."""
+
+    def new_weights(self, version: int) -> None:
+        """Weights changed: nothing cached before may be served again."""
+
+    def reset_prefix_cache(self) -> None: ...
+
+    def release(self) -> None:
+        """Free the memory (sleep); every slot is free."""
 
 
 class SlotKVCache:
@@ -36,17 +84,18 @@ class SlotKVCache:
         self._write_positions: torch.Tensor | None = None
         self._read_rows = 0
         self._read_len = 0
+        self._held: set[int] = set()
 
     @classmethod
     def for_model(cls, model: Any, num_slots: int, max_len: int, device: torch.device) -> SlotKVCache:
         """A cache shaped for ``model``'s layers, KV heads and head size, in its dtype."""
-        num_layers, num_kv_heads, head_dim = _kv_shape(model)
+        num_layers, num_kv_heads, head_dim = kv_shape(model)
         return cls(num_layers, num_slots, num_kv_heads, head_dim, max_len, model.dtype, device)
 
     @staticmethod
     def bytes_per_token(model: Any) -> int:
         """Memory one cached token of ``model`` takes across all layers (keys and values)."""
-        num_layers, num_kv_heads, head_dim = _kv_shape(model)
+        num_layers, num_kv_heads, head_dim = kv_shape(model)
         return 2 * num_layers * num_kv_heads * head_dim * torch.empty((), dtype=model.dtype).element_size()
 
     def ensure_capacity(self, length: int) -> None:
@@ -62,6 +111,49 @@ class SlotKVCache:
     def release(self) -> None:
         """Free every buffer (sleep); the next ``ensure_capacity`` allocates again."""
         self.keys, self.values, self.capacity = [], [], 0
+
+    @property
+    def usage(self) -> float:
+        return len(self._held) / self.num_slots
+
+    @property
+    def prefix_counts(self) -> tuple[int, int]:
+        return 0, 0
+
+    def fits(self, prompt_len: int, num_samples: int, max_new: int) -> bool:
+        return True  # the engine refuses num_samples over its slots
+
+    def cached_tokens(self, prompt: Sequence[int], adapter: str) -> int:
+        return 0
+
+    def reserve(self, slot: int, prompt: Sequence[int], num_samples: int, max_new: int, adapter: str,
+                use_cached: bool = True) -> Optional[int]:
+        self._held.add(slot)
+        return 0  # every slot has room for max_len positions
+
+    def commit_prompt(self, slot: int, length: int) -> None:
+        pass
+
+    def grow(self, slot: int, length: int) -> None:
+        self.ensure_capacity(length)
+
+    def fork(self, src: int, dst: int, length: int) -> None:
+        self.copy_slot(src, dst, length)
+        self._held.add(dst)
+
+    def move(self, src: int, dst: int, length: int) -> None:
+        self.copy_slot(src, dst, length)
+        self._held.discard(src)
+        self._held.add(dst)
+
+    def free(self, slot: int) -> None:
+        self._held.discard(slot)
+
+    def new_weights(self, version: int) -> None:
+        pass
+
+    def reset_prefix_cache(self) -> None:
+        pass
 
     def plan_prefill(self, slots: torch.Tensor, positions: torch.Tensor) -> None:
         """Next forward is packed prefill: token ``t`` is written to ``(slots[t], positions[t])``."""
@@ -110,7 +202,7 @@ class SlotKVCache:
         return new
 
 
-def _kv_shape(model: Any) -> tuple[int, int, int]:
+def kv_shape(model: Any) -> tuple[int, int, int]:
     """Layers, KV heads and head size of an HF model (``head_dim`` when its config gives one)."""
     config = model.config.get_text_config()
     head_dim = getattr(config, 'head_dim', None) or config.hidden_size // config.num_attention_heads

@@ -1,4 +1,4 @@
-"""Forward passes over the slot KV cache: packed prefill of new prompts, one-token decode of all rows.
+"""Forward passes over the KV cache: packed prefill of new prompts, one-token decode of all rows.
 
 :class:`ModelRunner` plans each pass (tokens, positions, slots, masks) and hands it to a :class:`Forward`: the
 native Llama-family model (:class:`~twinkle_async.engines.torch.native.forward.NativeForward`) or an unmodified
@@ -14,7 +14,7 @@ from typing import Optional, Protocol, Sequence
 import torch
 
 from twinkle_async.engines.torch.attention import ATTENTION_NAME
-from twinkle_async.engines.torch.kv_cache import SlotKVCache
+from twinkle_async.engines.torch.kv_cache import KVCache, SlotKVCache
 from twinkle_async.engines.torch.lora import LoraAdapters
 from twinkle_async.engines.torch.scheduler import Chunk
 from twinkle_async.engines.torch.sequence import Sample
@@ -39,7 +39,7 @@ class MixedBatch:
 
 
 class Forward(Protocol):
-    """One model's forward passes over the slot cache (planned by :class:`ModelRunner`)."""
+    """One model's forward passes over its KV cache (planned by :class:`ModelRunner`)."""
 
     chunked: bool
     """Whether :meth:`mixed` exists: decode rows and prefill chunks (which read the cache) in one forward."""
@@ -68,9 +68,10 @@ class StepLogits:
 
 
 class ModelRunner:
-    """Plans each forward over :class:`SlotKVCache` and runs it with ``forward``."""
+    """Plans each forward over the KV cache (giving every slot room for what it writes) and runs it with
+    ``forward``."""
 
-    def __init__(self, forward: Forward, cache: SlotKVCache, table: SlotTable, dtype: torch.dtype,
+    def __init__(self, forward: Forward, cache: KVCache, table: SlotTable, dtype: torch.dtype,
                  device: torch.device) -> None:
         self.forward = forward
         self.cache = cache
@@ -117,7 +118,7 @@ class ModelRunner:
         for chunk in chunks:
             spans.append((at, at + chunk.end - chunk.start, chunk.slot, chunk.start))
             at += chunk.end - chunk.start
-        self.cache.ensure_capacity(max([c.end for c in chunks] + [int(positions.max()) + 1 if rows else 0]))
+            self.cache.grow(chunk.slot, chunk.end)
         keep = list(range(rows)) + [rows + offset for offset in self._offsets(chunks, wanted)]
         batch = MixedBatch(
             input_ids=torch.cat([self.table.last_tokens[:rows], torch.tensor(tokens, dtype=torch.long,
@@ -128,7 +129,7 @@ class ModelRunner:
                                      device=self.device),
             chunks=spans, adapters=[*self.table.adapters[:rows], *(c.request.adapter for c in chunks
                                                                    for _ in range(c.start, c.end))],
-            keep=torch.tensor(keep, device=self.device))
+            keep=torch.tensor(keep, dtype=torch.long, device=self.device))
         logits = self.forward.mixed(batch)
         if rows:
             self.table.positions[:rows] += 1
@@ -136,9 +137,10 @@ class ModelRunner:
 
     def _plan_decode(self, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
         positions = self.table.positions[:rows]
-        kv_len = int(positions.max()) + 1
-        self.cache.ensure_capacity(kv_len)
-        self.cache.plan_decode(rows, positions, kv_len)
+        lengths = (positions + 1).tolist()
+        for slot, length in enumerate(lengths):
+            self.cache.grow(slot, length)
+        kv_len = max(lengths)
         visible = torch.arange(kv_len, device=self.device).unsqueeze(0) <= positions.unsqueeze(1)
         return positions, additive_mask(visible, self.dtype)[:, None, None]
 
@@ -149,8 +151,8 @@ class ModelRunner:
         positions = torch.cat([torch.arange(n, device=self.device) for n in lengths])
         token_slots = torch.repeat_interleave(torch.tensor(slots, device=self.device),
                                               torch.tensor(lengths, device=self.device))
-        self.cache.ensure_capacity(max(lengths) + 1)
-        self.cache.plan_prefill(token_slots, positions)
+        for slot, length in zip(slots, lengths):
+            self.cache.grow(slot, length)
         bounds = [0, *itertools.accumulate(lengths)]
         return self.forward.packed(input_ids, positions, token_slots, bounds, keep, adapter)
 
@@ -187,6 +189,7 @@ class HFForward:
 
     def packed(self, input_ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, bounds: list[int],
                keep: torch.Tensor, adapter: str) -> torch.Tensor:
+        self.cache.plan_prefill(slots, positions)
         if self.packed_bounds:
             spans = torch.tensor(bounds, device=input_ids.device)
             attention = {'cu_seq_lens_q': spans, 'cu_seq_lens_k': spans}
@@ -201,6 +204,7 @@ class HFForward:
 
     def decode(self, input_ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor,
                adapters: Sequence[str]) -> torch.Tensor:
+        self.cache.plan_decode(len(positions), positions, mask.shape[-1])
         return self.lora.model(input_ids=input_ids.unsqueeze(1), position_ids=positions.unsqueeze(1),
                                attention_mask=mask, past_key_values=self.cache, use_cache=True, logits_to_keep=1,
                                **self.lora.forward_kwargs(list(adapters), len(adapters))).logits[:, -1]

@@ -1,5 +1,6 @@
 """Admission, prefill chunks and slot bookkeeping: a FIFO of waiting requests, at most one prompt being prefilled
-over several steps (in the staging slot), and the running samples in slot order."""
+over several steps (in the staging slot), and the running samples in slot order. A request is admitted only once
+the KV cache holds memory for it to the end (:meth:`KVCache.reserve`), so a running sample is never preempted."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Optional
 
+from twinkle_async.engines.torch.kv_cache import KVCache
 from twinkle_async.engines.torch.sequence import Request, Sample
 
 __all__ = ['Scheduler', 'Chunk', 'MIN_CHUNK']
@@ -17,7 +19,8 @@ MIN_CHUNK = 64
 
 @dataclass(frozen=True, slots=True)
 class Chunk:
-    """Prompt tokens ``start:end`` of ``request`` to prefill this step, their KV cached in ``slot``."""
+    """Prompt tokens ``start:end`` of ``request`` to prefill this step, their KV cached in ``slot`` (a chunk starts
+    past 0 when earlier chunks or the prefix cache hold the positions before it)."""
 
     request: Request
     slot: int
@@ -33,13 +36,14 @@ class Scheduler:
     """``running[i]`` is the sample in KV slot ``i``; slots stay dense (``0..len(running)-1``).
 
     Each step decodes every running sample and prefills prompt tokens within ``max_batched_tokens`` (decode rows
-    count against it). A prompt that fits what is left is prefilled whole, straight into its first sample's slot.
-    With a ``staging_slot`` (the native runner), the next prompt that does not fit is prefilled there a chunk per
-    step while the others keep decoding; without one, the step's first prompt is prefilled whole, whatever its
-    length.
+    count against it). A prompt whose uncached part fits what is left is prefilled whole, straight into its first
+    sample's slot. With a ``staging_slot`` (the native runner), the next prompt that does not fit is prefilled there
+    a chunk per step while the others keep decoding; without one, the step's first prompt is prefilled whole,
+    whatever its length.
     """
 
-    def __init__(self, num_slots: int, max_batched_tokens: int, staging_slot: Optional[int]) -> None:
+    def __init__(self, kv: KVCache, num_slots: int, max_batched_tokens: int, staging_slot: Optional[int]) -> None:
+        self.kv = kv
         self.num_slots = num_slots
         self.max_batched_tokens = max_batched_tokens
         self.staging_slot = staging_slot
@@ -51,11 +55,6 @@ class Scheduler:
     @property
     def idle(self) -> bool:
         return not self.waiting and not self.running and self.staged is None
-
-    @property
-    def capacity(self) -> int:
-        """KV slots: one per sample, and the staging slot."""
-        return self.num_slots + (self.staging_slot is not None)
 
     @property
     def used_slots(self) -> int:
@@ -87,12 +86,21 @@ class Scheduler:
             length, samples = len(request.prompt_token_ids), len(request.samples)
             if next_slot + held + samples > self.num_slots:
                 break
-            whole = length <= budget or (self.staging_slot is None and not chunks)
+            use_cached = request.params.prompt_logprobs is None  # prompt logprobs need every position's logits
+            uncached = length - (self.kv.cached_tokens(request.prompt_token_ids, request.adapter) if use_cached else 0)
+            whole = uncached <= budget or (self.staging_slot is None and not chunks)
             if not whole and (self.staging_slot is None or self.staged is not None):
                 break
+            slot = next_slot if whole else self.staging_slot
+            assert slot is not None
+            cached = self.kv.reserve(slot, request.prompt_token_ids, samples, request.params.max_tokens,
+                                     request.adapter, use_cached)
+            if cached is None:
+                break
             self.waiting.popleft()
+            request.num_prefilled = cached
             if whole:
-                chunks.append(Chunk(request, next_slot, 0, length))
+                chunks.append(Chunk(request, next_slot, cached, length))
                 next_slot = self._assign(request, next_slot)
             else:
                 self.staged = request
@@ -101,8 +109,15 @@ class Scheduler:
         return chunks
 
     def start(self, request: Request) -> None:
-        """``request``'s prompt is cached in its samples' slots: they run from now on."""
+        """``request``'s prompt is cached (in its first sample's slot or the staging slot): every sample's slot
+        gets it, and they run from now on."""
+        source = self.staging_slot if request is self.staged else request.samples[0].slot
+        assert source is not None
+        for sample in request.samples:
+            if sample.slot != source:
+                self.kv.fork(source, sample.slot, len(request.prompt_token_ids))
         if request is self.staged:
+            self.kv.free(source)
             self.staged = None
         self.running.extend(request.samples)
 
@@ -110,10 +125,12 @@ class Scheduler:
         """Free ``sample``'s slot; returns ``(src, dst)`` when the last slot moved into the hole."""
         slot, last = sample.slot, self.running.pop()
         sample.slot = -1
+        self.kv.free(slot)
         if last is sample:
             return None
         self.running[slot] = last
         last.slot = slot
+        self.kv.move(len(self.running), slot, last.num_cached)
         return len(self.running), slot
 
     def finish(self, request: Request) -> None:
@@ -123,6 +140,8 @@ class Scheduler:
     def remove_waiting(self, request: Request) -> None:
         """Drop a request that has not started (waiting, or staged: the staging slot is free again)."""
         if request is self.staged:
+            assert self.staging_slot is not None
+            self.kv.free(self.staging_slot)
             self.staged = None
         else:
             self.waiting.remove(request)

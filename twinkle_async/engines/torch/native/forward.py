@@ -1,4 +1,4 @@
-"""The native model's forward passes over the slot KV cache (the runner's :class:`Forward` for it)."""
+"""The native model's forward passes over the paged KV cache (the runner's :class:`Forward` for it)."""
 
 from __future__ import annotations
 
@@ -9,11 +9,11 @@ import torch
 import torch.nn.functional as F
 
 from twinkle_async.engines.torch.attention import causal_packed, grouped_decode
-from twinkle_async.engines.torch.kv_cache import SlotKVCache
 from twinkle_async.engines.torch.model_runner import MixedBatch
 from twinkle_async.engines.torch.native.kernels import decode_attention_kernel
 from twinkle_async.engines.torch.native.lora import NativeLora
 from twinkle_async.engines.torch.native.model import NativeCausalLM
+from twinkle_async.engines.torch.paged_cache import PagedKVCache
 
 __all__ = ['NativeForward']
 
@@ -22,32 +22,34 @@ __all__ = ['NativeForward']
 class _DecodeRows:
     """One step's decode rows, the same for every layer: row ``i`` in slot ``i`` at ``positions[i]``."""
 
-    slots: torch.Tensor
-    positions: torch.Tensor
+    where: tuple[torch.Tensor, torch.Tensor]  # the cache's places for their new K/V
     lengths: torch.Tensor  # cached length each row attends to, itself included
     mask: torch.Tensor     # additive [rows, 1, 1, L], for SDPA when the kernel is not built
 
     @classmethod
-    def of(cls, positions: torch.Tensor, mask: Optional[torch.Tensor]) -> _DecodeRows:
+    def of(cls, cache: PagedKVCache, positions: torch.Tensor, mask: Optional[torch.Tensor]) -> _DecodeRows:
         assert mask is not None
-        return cls(torch.arange(len(positions), device=positions.device), positions, positions + 1, mask)
+        slots = torch.arange(len(positions), device=positions.device)
+        return cls(cache.locate(slots, positions), positions + 1, mask)
 
 
 class NativeForward:
-    """:class:`NativeCausalLM` with batched LoRA (:class:`NativeLora`) on :class:`SlotKVCache`; decode rows and
+    """:class:`NativeCausalLM` with batched LoRA (:class:`NativeLora`) on :class:`PagedKVCache`; decode rows and
     prefill chunks run in one forward (:meth:`mixed`)."""
 
     chunked = True
 
-    def __init__(self, model: NativeCausalLM, lora: NativeLora, cache: SlotKVCache) -> None:
+    def __init__(self, model: NativeCausalLM, lora: NativeLora, cache: PagedKVCache) -> None:
         self.model, self.lora, self.cache = model, lora, cache
         self.scale = model.shape.head_dim ** -0.5
         self.kernel = decode_attention_kernel() if model.embed_tokens.weight.device.type == 'cpu' else None
 
     def packed(self, input_ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, bounds: list[int],
                keep: torch.Tensor, adapter: str) -> torch.Tensor:
+        where = self.cache.locate(slots, positions)
+
         def attention(layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
-            self.cache.write(layer, slots, positions, key, value)
+            self.cache.write(layer, where, key, value)
             return causal_packed(query, key, value, bounds, self.scale).reshape(len(query), -1)
 
         hidden = self.model(input_ids, positions, attention, self.lora.delta([adapter]))
@@ -55,7 +57,7 @@ class NativeForward:
 
     def decode(self, input_ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor,
                adapters: Sequence[str]) -> torch.Tensor:
-        rows = _DecodeRows.of(positions, mask)
+        rows = _DecodeRows.of(self.cache, positions, mask)
 
         def attention(layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
             return self._decode_attention(layer, query, key, value, rows).reshape(len(query), -1)
@@ -65,14 +67,15 @@ class NativeForward:
 
     def mixed(self, batch: MixedBatch) -> torch.Tensor:
         rows = batch.rows
-        decode_rows = _DecodeRows.of(batch.positions[:rows], batch.decode_mask) if rows else None
+        decode_rows = _DecodeRows.of(self.cache, batch.positions[:rows], batch.decode_mask) if rows else None
+        chunk_where = self.cache.locate(batch.chunk_slots, batch.positions[rows:])
 
         def attention(layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
             parts = []
             if decode_rows is not None:
                 parts.append(self._decode_attention(layer, query[:rows], key[:rows], value[:rows], decode_rows))
             if len(query) > rows:
-                self.cache.write(layer, batch.chunk_slots, batch.positions[rows:], key[rows:], value[rows:])
+                self.cache.write(layer, chunk_where, key[rows:], value[rows:])
                 parts += [self._chunk_attention(layer, query, key, value, *span) for span in batch.chunks]
             return torch.cat(parts).reshape(len(query), -1)
 
@@ -81,11 +84,11 @@ class NativeForward:
 
     def _decode_attention(self, layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                           rows: _DecodeRows) -> torch.Tensor:
-        self.cache.write(layer, rows.slots, rows.positions, key, value)
-        if self.kernel is not None:  # each row reads its own length in place
+        self.cache.write(layer, rows.where, key, value)
+        if self.kernel is not None:  # each row reads its own length from its blocks in place
             return self.kernel.decode_attention(query.contiguous(), self.cache.keys[layer], self.cache.values[layer],
-                                                rows.lengths, self.scale, torch.get_num_threads())
-        keys, values = self.cache.rows(layer, len(query), rows.mask.shape[-1])
+                                                self.cache.tables, rows.lengths, self.scale, torch.get_num_threads())
+        keys, values = self.cache.gather_rows(layer, len(query), rows.mask.shape[-1])
         return grouped_decode(query, keys, values, rows.mask, self.scale)
 
     def _chunk_attention(self, layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -95,8 +98,7 @@ class NativeForward:
         if start == 0:
             return causal_packed(query[first:end], key[first:end], value[first:end], [0, end - first], self.scale)
         length = start + end - first
-        keys = self.cache.keys[layer][slot, :, :length].unsqueeze(0)
-        values = self.cache.values[layer][slot, :, :length].unsqueeze(0)
+        keys, values = (part.unsqueeze(0) for part in self.cache.gather(layer, slot, length))
         seen = torch.arange(length, device=query.device) <= torch.arange(start, length, device=query.device)[:, None]
         out = F.scaled_dot_product_attention(query[first:end].transpose(0, 1).unsqueeze(0), keys, values,
                                              attn_mask=seen, scale=self.scale,

@@ -1,9 +1,9 @@
 """CPU kernels of the native runner, compiled on first use (``csrc/``; a C++ compiler is needed, else the runner
 keeps using SDPA and logs why).
 
-``decode_attention`` reads each row's own cached length in place (no padding to the longest row, no mask) with
-the grouped query heads sharing each K/V row as it is loaded: 1.05-1.3x (float32) and 1.4-1.6x (bfloat16) faster
-than SDPA over the padded cache at 256 rows here (``benchmarks/bench_decode_attention.py``). The build is cached
+``decode_attention`` reads each row's own cached length from its blocks of the paged cache in place (no gather, no
+padding to the longest row, no mask) with the grouped query heads sharing each K/V row as it is loaded
+(``benchmarks/bench_decode_attention.py`` compares it with SDPA). The build is cached
 by torch (``TORCH_EXTENSIONS_DIR``), once per kind of CPU (it is compiled for the CPU it runs on), in ~30 s.
 """
 
@@ -28,8 +28,9 @@ _built: dict[str, Any] = {}
 
 
 def decode_attention_kernel() -> Optional[Any]:
-    """The compiled ``decode_attention(q [B, H, D], keys, values [S, H_kv, capacity, D], lengths [B] int64,
-    scale, threads) -> [B, H, D]``, or ``None`` where it cannot be built (or ``TWINKLE_ASYNC_NO_KERNELS=1``)."""
+    """The compiled ``decode_attention(q [B, H, D], keys, values [num_blocks, H_kv, block_size, D], tables [>= B, W]
+    int64, lengths [B] int64, scale, threads) -> [B, H, D]``, or ``None`` where it cannot be built (or
+    ``TWINKLE_ASYNC_NO_KERNELS=1``)."""
     if os.environ.get('TWINKLE_ASYNC_NO_KERNELS') == '1':
         return None
     with _lock:

@@ -1,5 +1,6 @@
-// Decode attention over the slot KV cache on CPU: one query token per row, each row reading only its own
-// cached length (no padding to the longest row), grouped-query heads sharing each K/V row as it is loaded.
+// Decode attention over the paged KV cache on CPU: one query token per row, each row reading only its own
+// cached length from its blocks in place (no gather, no padding to the longest row), grouped-query heads
+// sharing each K/V row as it is loaded.
 // Built on first use by twinkle_async.engines.torch.native.kernels (torch.utils.cpp_extension.load).
 #include <torch/extension.h>
 #include <omp.h>
@@ -9,8 +10,9 @@
 template <typename T> static inline float f(T x) { return static_cast<float>(x); }
 
 template <typename T>
-static void run(const T* q, const T* k, const T* v, T* out, const int64_t* lengths, int64_t B, int64_t H,
-                int64_t Hkv, int64_t D, int64_t head_stride, int64_t slot_stride, float scale, int threads) {
+static void run(const T* q, const T* k, const T* v, T* out, const int64_t* tables, int64_t W, int64_t bs,
+                const int64_t* lengths, int64_t B, int64_t H, int64_t Hkv, int64_t D, int64_t head_stride,
+                int64_t block_stride, float scale, int threads) {
   const int64_t G = H / Hkv;
   #pragma omp parallel num_threads(threads)
   {
@@ -18,13 +20,14 @@ static void run(const T* q, const T* k, const T* v, T* out, const int64_t* lengt
     #pragma omp for schedule(dynamic, 4)
     for (int64_t i = 0; i < B * Hkv; ++i) {
       const int64_t b = i / Hkv, h = i % Hkv, L = lengths[b];
-      const T* kb = k + b * slot_stride + h * head_stride;
-      const T* vb = v + b * slot_stride + h * head_stride;
+      const int64_t* table = tables + b * W;
+      auto at = [&](const T* base, int64_t t) { return base + table[t / bs] * block_stride + h * head_stride
+                                                         + (t % bs) * D; };
       scores.resize(G * L);
       for (int64_t g = 0; g < G; ++g)
         for (int64_t d = 0; d < D; ++d) qf[g * D + d] = f(q[(b * H + h * G + g) * D + d]) * scale;
       for (int64_t t = 0; t < L; ++t) {
-        const T* kt = kb + t * D;
+        const T* kt = at(k, t);
         for (int64_t d = 0; d < D; ++d) row[d] = f(kt[d]);
         for (int64_t g = 0; g < G; ++g) {
           const float* qg = qf.data() + g * D;
@@ -45,7 +48,7 @@ static void run(const T* q, const T* k, const T* v, T* out, const int64_t* lengt
       }
       std::fill(acc.begin(), acc.end(), 0.f);
       for (int64_t t = 0; t < L; ++t) {
-        const T* vt = vb + t * D;
+        const T* vt = at(v, t);
         for (int64_t d = 0; d < D; ++d) row[d] = f(vt[d]);
         for (int64_t g = 0; g < G; ++g) {
           const float w = scores[g * L + t];
@@ -60,20 +63,27 @@ static void run(const T* q, const T* k, const T* v, T* out, const int64_t* lengt
   }
 }
 
-torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor lengths,
-                               double scale, int64_t threads) {
+// q [B, H, D]; k, v [num_blocks, H_kv, block_size, D]; tables [>= B, W] int64: row b's blocks in position order;
+// lengths [B] int64: the positions row b attends to (< W * block_size).
+torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor tables,
+                               torch::Tensor lengths, double scale, int64_t threads) {
   TORCH_CHECK(q.dim() == 3 && q.is_contiguous(), "q must be a contiguous [B, H, D] tensor");
-  TORCH_CHECK(k.dim() == 4 && k.sizes() == v.sizes() && k.strides() == v.strides(), "k, v: [S, H_kv, capacity, D]");
+  TORCH_CHECK(k.dim() == 4 && k.sizes() == v.sizes() && k.strides() == v.strides(),
+              "k, v: [num_blocks, H_kv, block_size, D]");
   TORCH_CHECK(k.stride(3) == 1 && k.stride(2) == k.size(3) && k.size(3) == q.size(2), "k, v rows must be contiguous");
   TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(), "q, k, v: one dtype");
   TORCH_CHECK(lengths.scalar_type() == at::kLong && lengths.is_contiguous() && lengths.size(0) == q.size(0),
               "lengths: int64 [B]");
-  TORCH_CHECK(q.size(0) <= k.size(0) && q.size(1) % k.size(1) == 0, "B <= S and H a multiple of H_kv");
+  TORCH_CHECK(tables.scalar_type() == at::kLong && tables.dim() == 2 && tables.is_contiguous() &&
+              tables.size(0) >= q.size(0), "tables: contiguous int64 [>= B, W]");
+  TORCH_CHECK(q.size(1) % k.size(1) == 0, "H must be a multiple of H_kv");
+  const int64_t B = q.size(0), H = q.size(1), D = q.size(2), Hkv = k.size(1), bs = k.size(2), W = tables.size(1);
+  TORCH_CHECK(B == 0 || lengths.max().item<int64_t>() <= W * bs, "a length is past the block table");
   auto out = torch::empty_like(q);
-  const int64_t B = q.size(0), H = q.size(1), D = q.size(2), Hkv = k.size(1);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "decode_attention", [&] {
     run<scalar_t>(q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(),
-                  lengths.data_ptr<int64_t>(), B, H, Hkv, D, k.stride(1), k.stride(0), (float)scale, (int)threads);
+                  tables.data_ptr<int64_t>(), W, bs, lengths.data_ptr<int64_t>(), B, H, Hkv, D, k.stride(1),
+                  k.stride(0), (float)scale, (int)threads);
   });
   return out;
 }
