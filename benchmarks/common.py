@@ -61,25 +61,32 @@ _CONTEXT = [
 
 @dataclass(frozen=True)
 class Workload:
-    """Prompts (token ids) and the number of tokens to generate for each one."""
+    """Prompts (token ids), the number of tokens to generate for each one, and samples per prompt."""
 
     prompts: list[list[int]]
     max_tokens: list[int]
+    num_samples: int = 1
 
     def __len__(self) -> int:
         return len(self.prompts)
 
     @property
     def useful_tokens(self) -> int:
-        return sum(self.max_tokens)
+        return sum(self.max_tokens) * self.num_samples
 
     def head(self, n: int) -> Workload:
-        return Workload(self.prompts[:n], self.max_tokens[:n])
+        return Workload(self.prompts[:n], self.max_tokens[:n], self.num_samples)
+
+    def expanded(self) -> Workload:
+        """Each prompt repeated once per sample, one sample each (for systems without ``num_samples``)."""
+        n = self.num_samples
+        return Workload([p for p in self.prompts for _ in range(n)], [m for m in self.max_tokens for _ in range(n)])
 
     def describe(self) -> str:
         lengths = [len(p) for p in self.prompts]
-        return (f'{len(self)} requests, prompt tokens {min(lengths)}-{max(lengths)} (sum {sum(lengths)}), '
-                f'max_tokens {min(self.max_tokens)}-{max(self.max_tokens)} (sum {self.useful_tokens})')
+        samples = f' x {self.num_samples} samples' if self.num_samples > 1 else ''
+        return (f'{len(self)} requests{samples}, prompt tokens {min(lengths)}-{max(lengths)} (sum {sum(lengths)}), '
+                f'max_tokens {min(self.max_tokens)}-{max(self.max_tokens)} (useful tokens {self.useful_tokens})')
 
 
 @dataclass
@@ -92,6 +99,8 @@ class SystemResult:
     outputs: list[list[int]] = field(repr=False, default_factory=list)
     cpu_seconds: float = float('nan')  # process CPU time (all threads) during the timed run
     cpu_stall: float = float('nan')  # CPU pressure during the timed run (0..1), see ``timed``
+    peak_samples: int = 0  # samples holding KV at once, where the system reports it
+    peak_rss_mib: float = float('nan')  # process tree, where watched
 
     @property
     def cpu_util(self) -> float:

@@ -49,3 +49,34 @@ def test_a_nucleus_beyond_the_candidates_falls_back_to_the_sort_and_agrees(scale
     expected = hand_kept(logits, top_k, top_p)
     assert torch.equal(~masked.isinf(), expected)
     assert (expected.sum(dim=1) > sampling._NUCLEUS_CANDIDATES).all() == (scale < 1)
+
+
+@pytest.mark.parametrize('processed', [False, True])
+def test_logprobs_are_computed_only_for_the_rows_that_ask_and_equal_the_whole_batch_ones(monkeypatch, processed):
+    from twinkle_async.engines.base import RequestParams
+    from twinkle_async.engines.torch.slots import SlotTable
+
+    torch.manual_seed(2)
+    batch, vocab = 6, 300
+    table = SlotTable(batch, vocab, torch.device('cpu'), seed=0)
+    for slot in range(batch):
+        table.assign(slot, RequestParams(max_tokens=4, temperature=0.0 if slot % 2 else 0.8, seed=slot), [1, 2],
+                     slot, 'base')
+    logits = torch.randn(batch, vocab) * 3
+    asking = torch.tensor([1, 4])
+    widths: list[int] = []
+    real_log_softmax = torch.log_softmax
+    monkeypatch.setattr(torch, 'log_softmax', lambda x, dim: widths.append(len(x)) or real_log_softmax(x, dim=dim))
+    flags = sampling.BatchFlags(any_penalty=False, all_greedy=False, any_top_k_top_p=False, max_logprobs=3,
+                                processed_logprobs=processed)
+    whole = sampling.sample_tokens(logits, table, slice(0, batch), flags)
+    for slot in range(batch):  # the same noise again
+        table.generators[slot] = torch.Generator().manual_seed(slot)
+    widths.clear()
+    part = sampling.sample_tokens(logits, table, slice(0, batch), sampling.BatchFlags(
+        any_penalty=False, all_greedy=False, any_top_k_top_p=False, max_logprobs=3, processed_logprobs=processed,
+        logprob_rows=asking))
+    assert set(widths) == {len(asking)}, 'log-softmax ran over the asking rows only'
+    assert torch.equal(part.tokens, whole.tokens)
+    for name in ('token_logprobs', 'top_ids', 'top_logprobs'):
+        assert torch.equal(getattr(part, name)[asking], getattr(whole, name)[asking]), name

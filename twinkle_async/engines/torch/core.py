@@ -197,7 +197,7 @@ class EngineCore:
             self.runner.recompute(list(group))
 
     def _sample(self, logits: torch.Tensor, samples: list[Sample], rows: slice) -> list[EngineOutput]:
-        flags = _flags(samples, self.processed_logprobs)
+        flags = _flags(samples, self.processed_logprobs, logits.device)
         batch = sample_tokens(logits, self.table, rows, flags)
         self.table.advance(rows, batch.tokens, track_seen=flags.any_penalty)
         return self.processor.process(samples, batch, self.weight_version)
@@ -273,12 +273,15 @@ class EngineCore:
             self._emit(outputs)
 
 
-def _flags(samples: list[Sample], processed_logprobs: bool) -> BatchFlags:
+def _flags(samples: list[Sample], processed_logprobs: bool, device: torch.device) -> BatchFlags:
     params = [s.params for s in samples]
     wanted = [p.logprobs for p in params if p.logprobs is not None]
+    asking = None
+    if wanted and len(wanted) < len(params):
+        asking = torch.tensor([i for i, p in enumerate(params) if p.logprobs is not None], device=device)
     return BatchFlags(
         any_penalty=any(p.repetition_penalty != 1.0 for p in params),
         all_greedy=all(p.temperature == 0 for p in params),
         any_top_k_top_p=any(p.top_k > 0 or p.top_p < 1.0 for p in params),
-        max_logprobs=max(wanted, default=-1), processed_logprobs=processed_logprobs)
+        max_logprobs=max(wanted, default=-1), processed_logprobs=processed_logprobs, logprob_rows=asking)
 

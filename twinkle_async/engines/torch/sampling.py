@@ -21,6 +21,7 @@ class BatchFlags:
     any_top_k_top_p: bool
     max_logprobs: int  # -1: nobody wants logprobs
     processed_logprobs: bool = False  # logprobs of the distribution sampled from, not the model's raw ones
+    logprob_rows: Optional[torch.Tensor] = None  # the rows that want logprobs, when not all of them do
 
 
 @dataclass(slots=True)
@@ -36,11 +37,15 @@ def sample_tokens(logits: torch.Tensor, table: SlotTable, rows: slice, flags: Ba
 
     Logprobs (when asked for) are the model's raw log-softmax, or with ``flags.processed_logprobs`` those of the
     distribution each row sampled from: after the penalty, temperature and top-k/top-p, renormalised (greedy
-    rows: after the penalty), as vLLM's ``processed_logprobs``.
+    rows: after the penalty), as vLLM's ``processed_logprobs``. They are computed only for ``flags.logprob_rows``
+    (others get zeros) when that is given.
     """
     logits = logits.float()
     want_logprobs = flags.max_logprobs >= 0
-    logprobs = torch.log_softmax(logits, dim=-1) if want_logprobs and not flags.processed_logprobs else None
+    asking = flags.logprob_rows
+    logprobs = None
+    if want_logprobs and not flags.processed_logprobs:
+        logprobs = torch.log_softmax(logits if asking is None else logits[asking], dim=-1)
     if flags.any_penalty:
         logits = _apply_repetition_penalty(logits, table.seen[rows], table.penalty[rows])
     tokens = logits.argmax(dim=-1)
@@ -52,8 +57,13 @@ def sample_tokens(logits: torch.Tensor, table: SlotTable, rows: slice, flags: Ba
         sampled = _exponential_race(scaled.softmax(dim=-1), table, rows)
         tokens = torch.where(table.greedy[rows], tokens, sampled)
     if want_logprobs and flags.processed_logprobs:
-        logprobs = _processed_logprobs(logits, scaled, table.greedy[rows])
-    return _with_logprobs(tokens, logprobs, flags.max_logprobs)
+        greedy = table.greedy[rows]
+        if asking is not None:
+            logits, scaled, greedy = logits[asking], None if scaled is None else scaled[asking], greedy[asking]
+        logprobs = _processed_logprobs(logits, scaled, greedy)
+    if asking is None:
+        return _with_logprobs(tokens, logprobs, flags.max_logprobs)
+    return _scattered(_with_logprobs(tokens[asking], logprobs, flags.max_logprobs), tokens, asking)
 
 
 def _processed_logprobs(logits: torch.Tensor, scaled: Optional[torch.Tensor], greedy: torch.Tensor) -> torch.Tensor:
@@ -128,6 +138,17 @@ def _exponential_race(probs: torch.Tensor, table: SlotTable, rows: slice) -> tor
         if generator is not None:
             noise[offset].exponential_(generator=generator)
     return (probs / noise).argmax(dim=-1)
+
+
+def _scattered(part: SampledBatch, tokens: torch.Tensor, rows: torch.Tensor) -> SampledBatch:
+    """``part`` (logprobs of ``rows`` only) as a batch of every row's ``tokens``, zeros where no row asked."""
+    def spread(values: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        if values is None:
+            return None
+        full = values.new_zeros((len(tokens), *values.shape[1:]))
+        full[rows] = values
+        return full
+    return SampledBatch(tokens, spread(part.token_logprobs), spread(part.top_ids), spread(part.top_logprobs))
 
 
 def _with_logprobs(tokens: torch.Tensor, raw: Optional[torch.Tensor], k: int) -> SampledBatch:
