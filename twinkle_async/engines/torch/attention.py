@@ -25,12 +25,14 @@ def causal_packed(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, b
     """``query [T, H, D]``, ``key/value [T, H_kv, D]``: causal attention within each packed sequence
     ``bounds[i]:bounds[i+1]``; returns ``[T, H, D]``."""
     gqa = query.shape[1] != key.shape[1]
-    q, k, v = query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1)
+    # 4-d [1, H, T, D]: SDPA's CPU flash kernel serves only batched inputs (3-d ones take the math path, ~7x slower)
+    q, k, v = (x.transpose(0, 1).unsqueeze(0) for x in (query, key, value))
     out = torch.empty_like(q)
     for start, end in zip(bounds[:-1], bounds[1:]):
-        out[:, start:end] = F.scaled_dot_product_attention(q[:, start:end], k[:, start:end], v[:, start:end],
-                                                           is_causal=True, scale=scale, enable_gqa=gqa)
-    return out.transpose(0, 1)
+        out[:, :, start:end] = F.scaled_dot_product_attention(q[:, :, start:end], k[:, :, start:end],
+                                                              v[:, :, start:end], is_causal=True, scale=scale,
+                                                              enable_gqa=gqa)
+    return out[0].transpose(0, 1)
 
 
 def grouped_decode(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor,
