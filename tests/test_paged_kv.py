@@ -82,6 +82,18 @@ async def test_a_shared_prefix_is_prefilled_once_and_served_from_the_cache(paged
     assert_all_returned(paged)
 
 
+async def test_a_next_turn_reads_the_blocks_the_previous_turn_generated(paged, tiny_model_dir):
+    first = await within(paged.sample({'input_ids': PROMPT}, {**GREEDY, 'max_tokens': 40}))
+    generated = first.sequences[0].tokens
+    next_turn = PROMPT + generated + list(range(300, 310))  # the reply, then the user's next message
+    seen = spy_pool(paged)
+    second = await within(paged.sample({'input_ids': next_turn}, GREEDY))
+    # 139 positions were cached (the last token is sampled, never fed): 8 full blocks, 6 of them the prompt's
+    assert [chunk for _, step_chunks in seen for chunk in step_chunks] == [(128, 150)]
+    assert second.sequences[0].tokens == hf_greedy(load_hf(tiny_model_dir), next_turn, GREEDY['max_tokens'])
+    assert_all_returned(paged)
+
+
 async def test_after_a_weight_update_the_cache_is_never_hit(paged, tiny_model_dir, tiny_model_b_dir):
     await within(paged.sample({'input_ids': PROMPT}, GREEDY))
     hits = (await within(paged.engine.stats())).prefix_cache_hits

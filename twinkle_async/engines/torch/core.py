@@ -174,7 +174,7 @@ class EngineCore:
             assert request.prompt_logprobs is not None
             request.prompt_logprobs += prompt_logprob_rows(
                 logits, request.prompt_token_ids[chunk.start + 1:chunk.end + 1], request.params.prompt_logprobs)
-        self.cache.commit_prompt(chunk.slot, chunk.end)
+        self.cache.commit(chunk.slot, request.prompt_token_ids, chunk.end)
         return chunk.completes
 
     def _start(self, requests: list[Request], last_logits: torch.Tensor) -> list[EngineOutput]:
@@ -200,7 +200,19 @@ class EngineCore:
         flags = _flags(samples, self.processed_logprobs, logits.device)
         batch = sample_tokens(logits, self.table, rows, flags)
         self.table.advance(rows, batch.tokens, track_seen=flags.any_penalty)
-        return self.processor.process(samples, batch, self.weight_version)
+        outputs = self.processor.process(samples, batch, self.weight_version)
+        self._commit_generated(samples)
+        return outputs
+
+    def _commit_generated(self, samples: list[Sample]) -> None:
+        """Blocks the samples just filled with generated tokens go to the prefix cache (a later turn's prompt
+        holds them)."""
+        every = self.cache.register_every
+        if every:
+            for sample in samples:
+                cached = sample.num_cached
+                if cached % every == 0:
+                    self.cache.commit(sample.slot, sample.request.prompt_token_ids + sample.output_ids, cached)
 
     def _release_finished(self) -> None:
         for sample in [s for s in self.scheduler.running if s.finish_reason is not None]:

@@ -270,8 +270,9 @@ def _max_model_len(model: Any, args: TorchEngineArgs) -> int:
 
 def _check_kv_budget(model: Any, args: TorchEngineArgs, max_model_len: int) -> None:
     """The HF runner's slot cache must hold every slot at full length, the native runner's paged pool one sample."""
-    slots = 1 if isinstance(model, NativeCausalLM) else args.max_num_seqs + STAGING_SLOTS
-    needed = SlotKVCache.bytes_per_token(model) * slots * (max_model_len + args.block_size)
+    paged = isinstance(model, NativeCausalLM)
+    slots = 1 if paged else args.max_num_seqs + STAGING_SLOTS
+    needed = SlotKVCache.bytes_per_token(model) * slots * (max_model_len + (args.block_size if paged else 0))
     if needed > args.kv_cache_memory_bytes:
         holds = f'max_num_seqs={args.max_num_seqs} x ' if slots > 1 else 'one sample of '
         raise EngineArgsError(

@@ -43,8 +43,12 @@ class KVCache(Protocol):
         """Hold memory for a request prefilled into ``slot`` whose samples generate up to ``max_new`` tokens;
         ``None`` if it does not fit now, else the prompt tokens already cached (``slot`` holds them)."""
 
-    def commit_prompt(self, slot: int, length: int) -> None:
-        """The prompt's positions ``< length`` are written in ``slot``."""
+    @property
+    def register_every(self) -> int:
+        """A sample's cached length is worth a :meth:`commit` whenever it is a multiple of this (0: never)."""
+
+    def commit(self, slot: int, tokens: Sequence[int], length: int) -> None:
+        """The slot's positions ``< length`` hold ``tokens[:length]``, computed with the current weights."""
 
     def grow(self, slot: int, length: int) -> None:
         """Make the slot's positions ``< length`` writable."""
@@ -131,7 +135,11 @@ class SlotKVCache:
         self._held.add(slot)
         return 0  # every slot has room for max_len positions
 
-    def commit_prompt(self, slot: int, length: int) -> None:
+    @property
+    def register_every(self) -> int:
+        return 0
+
+    def commit(self, slot: int, tokens: Sequence[int], length: int) -> None:
         pass
 
     def grow(self, slot: int, length: int) -> None:

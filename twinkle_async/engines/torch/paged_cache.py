@@ -26,10 +26,9 @@ class _Slot:
     blocks: list[int] = field(default_factory=list)
     reserved: int = 0      # blocks promised to this slot, not drawn yet
     per_sample: int = 0    # of those, what each sample forked from this slot takes along
-    prompt: Sequence[int] = ()  # of the request prefilled into it
     adapter: Optional[str] = None
-    key: Hashable = None   # the prefix-cache key its prompt's blocks were hashed with
-    hashes: list[int] = field(default_factory=list)  # hashes of its prompt blocks registered so far
+    key: Hashable = None   # the prefix-cache key its blocks were hashed with
+    hashes: list[int] = field(default_factory=list)  # hashes of its leading full blocks registered so far
 
 
 class PagedKVCache:
@@ -90,22 +89,28 @@ class PagedKVCache:
         self.pool.take_cached(hits, len(prompt) if use_cached else 0)
         self.pool.reserve(needed)
         state = self._slots[slot]
-        state.reserved, state.per_sample, state.prompt, state.adapter = needed, per_sample, prompt, adapter
+        state.reserved, state.per_sample, state.adapter = needed, per_sample, adapter
         self._set_blocks(slot, hits)
         return len(hits) * self.block_size
 
-    def commit_prompt(self, slot: int, length: int) -> None:
-        """The slot's prompt positions ``< length`` are written: make its full blocks among them findable."""
+    @property
+    def register_every(self) -> int:
+        """A sample's cached length is worth a :meth:`commit` whenever it is a multiple of this (a block filled)."""
+        return self.block_size
+
+    def commit(self, slot: int, tokens: Sequence[int], length: int) -> None:
+        """The slot's positions ``< length`` hold ``tokens[:length]`` (a prompt, or a prompt and what a sample
+        generated), computed with the current weights: make its full blocks among them findable."""
         state, size = self._slots[slot], self.block_size
         if state.adapter is None:
             return
-        if state.key != self._key(state.adapter):  # first commit, or prefilled again under new weights
+        if state.key != self._key(state.adapter):  # first commit, or computed again under new weights
             state.key, state.hashes = self._key(state.adapter), []
         done = len(state.hashes)
-        fresh = block_hashes(state.prompt[:length], size, state.key, done, state.hashes[-1] if done else None)
+        fresh = block_hashes(tokens[:length], size, state.key, done, state.hashes[-1] if done else None)
         for index, block_hash in enumerate(fresh, start=done):
             parent = state.hashes[-1] if state.hashes else None
-            self.pool.register(state.blocks[index], block_hash, state.prompt[index * size:(index + 1) * size], parent)
+            self.pool.register(state.blocks[index], block_hash, tokens[index * size:(index + 1) * size], parent)
             state.hashes.append(block_hash)
 
     # -- growth and slot moves --
@@ -126,7 +131,8 @@ class PagedKVCache:
         full = length // self.block_size
         self.pool.share(source.blocks[:full])
         source.reserved -= source.per_sample
-        target.reserved, target.per_sample, target.prompt = source.per_sample, 0, ()
+        target.reserved, target.per_sample = source.per_sample, 0
+        target.adapter, target.key, target.hashes = source.adapter, source.key, source.hashes[:full]
         self._set_blocks(dst, source.blocks[:full])
         if length % self.block_size:
             self.grow(dst, length)
