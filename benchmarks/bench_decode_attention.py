@@ -1,8 +1,9 @@
-"""Decode attention on CPU: the native runner's kernel vs SDPA over the padded slot cache (what it replaces).
+"""Decode attention on CPU: the native runner's kernel on the paged cache vs SDPA over a padded slot cache.
 
 One layer's decode attention for ``--rows`` rows with the default model's heads (9 query, 3 KV, head size 64),
-each row's cached length drawn between half and all of ``--length``; the kernel reads each row's own length,
-SDPA reads every row up to the longest under a mask. Best of ``--repeats``; the outputs are compared.
+each row's cached length drawn between half and all of ``--length``; the kernel reads each row's own length from its
+blocks (16 positions each, scattered over the pool) in place, SDPA reads every row up to the longest (gathered into
+a padded slot cache beforehand, untimed) under a mask. Best of ``--repeats``; the outputs are compared.
 
 Run:
     .venv/bin/python benchmarks/bench_decode_attention.py
@@ -20,6 +21,8 @@ import torch.nn.functional as F
 from twinkle_async.engines.torch.native.kernels import decode_attention_kernel
 
 from common import benchmark_parser, format_table, machine_info, save_results
+
+BLOCK = 16
 
 
 def best_ms(run: Callable[[], torch.Tensor], repeats: int) -> float:
@@ -47,16 +50,20 @@ def main() -> None:
     torch.manual_seed(0)
     for dtype in (torch.float32, torch.bfloat16):
         for longest in (int(n) for n in args.lengths.split(',')):
-            keys = torch.randn(rows, kv_heads, longest, dim, dtype=dtype)
-            values = torch.randn(rows, kv_heads, longest, dim, dtype=dtype)
+            width = -(-longest // BLOCK)
+            pool_keys = torch.randn(rows * width, kv_heads, BLOCK, dim, dtype=dtype)
+            pool_values = torch.randn(rows * width, kv_heads, BLOCK, dim, dtype=dtype)
+            tables = torch.randperm(rows * width).view(rows, width).contiguous()
             query = torch.randn(rows, heads, dim, dtype=dtype)
             lengths = torch.randint(longest // 2, longest + 1, (rows,))
+            keys, values = (pool[tables].transpose(1, 2).flatten(2, 3)[:, :, :longest]
+                            for pool in (pool_keys, pool_values))
             visible = torch.arange(longest)[None] < lengths[:, None]
             mask = torch.where(visible, 0.0, float('-inf')).to(dtype)[:, None, None]
             grouped = query.view(rows, kv_heads, heads // kv_heads, dim)
             sdpa = partial(F.scaled_dot_product_attention, grouped, keys, values, attn_mask=mask, scale=0.125)
-            ours = partial(kernel.decode_attention, query, keys, values, lengths, 0.125, torch.get_num_threads())
-
+            ours = partial(kernel.decode_attention, query, pool_keys, pool_values, tables, lengths, 0.125,
+                           torch.get_num_threads())
             gap = (ours().float() - sdpa().view(rows, heads, dim).float()).abs().max().item()
             ms_sdpa, ms_ours = best_ms(sdpa, args.repeats), best_ms(ours, args.repeats)
             table.append([str(dtype).removeprefix('torch.'), longest, f'{ms_sdpa:.2f}', f'{ms_ours:.2f}',

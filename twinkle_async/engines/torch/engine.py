@@ -254,15 +254,16 @@ def _settle(future: asyncio.Future[Any], result: Any = None, error: Optional[Bas
 
 
 def _max_model_len(model: Any, args: TorchEngineArgs) -> int:
-    """The user's ``max_model_len``, or the longest that fits the model, 2048 and the KV budget."""
+    """The user's ``max_model_len``, or the longest that fits the model, 2048 and the KV budget (the native
+    runner's paged pool must hold one sample of it, the HF runner's slot cache every slot)."""
     limit = model_max_len(model.config)
     if args.max_model_len is not None:
         if args.max_model_len > limit:
             raise EngineArgsError(f'max_model_len={args.max_model_len} exceeds the model\'s '
                                   f'max_position_embeddings={limit}')
         return args.max_model_len
-    slots = args.max_num_seqs + STAGING_SLOTS
-    fits_budget = args.kv_cache_memory_bytes // (SlotKVCache.bytes_per_token(model) * slots)
+    slots, spare = _budget_slots(model, args)
+    fits_budget = args.kv_cache_memory_bytes // (SlotKVCache.bytes_per_token(model) * slots) - spare
     max_model_len = min(limit, 2048, max(fits_budget // 256 * 256, 256))
     logger.info('torch engine: max_model_len=%d (max_num_seqs=%d)', max_model_len, args.max_num_seqs)
     return max_model_len
@@ -270,15 +271,21 @@ def _max_model_len(model: Any, args: TorchEngineArgs) -> int:
 
 def _check_kv_budget(model: Any, args: TorchEngineArgs, max_model_len: int) -> None:
     """The HF runner's slot cache must hold every slot at full length, the native runner's paged pool one sample."""
-    paged = isinstance(model, NativeCausalLM)
-    slots = 1 if paged else args.max_num_seqs + STAGING_SLOTS
-    needed = SlotKVCache.bytes_per_token(model) * slots * (max_model_len + (args.block_size if paged else 0))
+    slots, spare = _budget_slots(model, args)
+    needed = SlotKVCache.bytes_per_token(model) * slots * (max_model_len + spare)
     if needed > args.kv_cache_memory_bytes:
         holds = f'max_num_seqs={args.max_num_seqs} x ' if slots > 1 else 'one sample of '
         raise EngineArgsError(
             f'the KV cache for {holds}max_model_len={max_model_len} needs {needed / 2**30:.2f} GiB, over '
             f'kv_cache_memory_bytes={args.kv_cache_memory_bytes / 2**30:.2f} GiB; lower one of them or raise the '
             'budget')
+
+
+def _budget_slots(model: Any, args: TorchEngineArgs) -> tuple[int, int]:
+    """Sequences of ``max_model_len`` the KV budget must hold at once, and spare positions each needs."""
+    if isinstance(model, NativeCausalLM):
+        return 1, args.block_size
+    return args.max_num_seqs + STAGING_SLOTS, 0
 
 
 def _eos_token_ids(model: Any, tokenizer: Any) -> frozenset[int]:

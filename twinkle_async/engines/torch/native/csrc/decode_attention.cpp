@@ -4,6 +4,7 @@
 // Built on first use by twinkle_async.engines.torch.native.kernels (torch.utils.cpp_extension.load).
 #include <torch/extension.h>
 #include <omp.h>
+#include <algorithm>
 #include <cmath>
 #include <vector>
 
@@ -19,15 +20,14 @@ static void run(const T* q, const T* k, const T* v, T* out, const int64_t* table
     std::vector<float> scores, acc(G * D), qf(G * D), row(D);
     #pragma omp for schedule(dynamic, 4)
     for (int64_t i = 0; i < B * Hkv; ++i) {
-      const int64_t b = i / Hkv, h = i % Hkv, L = lengths[b];
+      const int64_t b = i / Hkv, h = i % Hkv, L = lengths[b], blocks = (L + bs - 1) / bs;
       const int64_t* table = tables + b * W;
-      auto at = [&](const T* base, int64_t t) { return base + table[t / bs] * block_stride + h * head_stride
-                                                         + (t % bs) * D; };
       scores.resize(G * L);
       for (int64_t g = 0; g < G; ++g)
         for (int64_t d = 0; d < D; ++d) qf[g * D + d] = f(q[(b * H + h * G + g) * D + d]) * scale;
-      for (int64_t t = 0; t < L; ++t) {
-        const T* kt = at(k, t);
+      for (int64_t t = 0, blk = 0; blk < blocks; ++blk)  // walk the row's blocks, bs positions each
+      for (const T* kt = k + table[blk] * block_stride + h * head_stride; t < std::min(L, (blk + 1) * bs);
+           ++t, kt += D) {
         for (int64_t d = 0; d < D; ++d) row[d] = f(kt[d]);
         for (int64_t g = 0; g < G; ++g) {
           const float* qg = qf.data() + g * D;
@@ -47,8 +47,9 @@ static void run(const T* q, const T* k, const T* v, T* out, const int64_t* table
         for (int64_t t = 0; t < L; ++t) sg[t] *= inv;
       }
       std::fill(acc.begin(), acc.end(), 0.f);
-      for (int64_t t = 0; t < L; ++t) {
-        const T* vt = at(v, t);
+      for (int64_t t = 0, blk = 0; blk < blocks; ++blk)
+      for (const T* vt = v + table[blk] * block_stride + h * head_stride; t < std::min(L, (blk + 1) * bs);
+           ++t, vt += D) {
         for (int64_t d = 0; d < D; ++d) row[d] = f(vt[d]);
         for (int64_t g = 0; g < G; ++g) {
           const float w = scores[g * L + t];
