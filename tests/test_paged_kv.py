@@ -171,3 +171,12 @@ async def test_aborted_requests_give_every_block_back(tiny_model_dir):
         stats = await within(sampler.engine.stats())
         assert (stats.running, stats.used_slots, stats.kv_usage) == (0, 0, 0.0)
         assert_all_returned(sampler)
+
+
+async def test_without_the_kernel_decode_reads_gathered_blocks_and_agrees(tiny_model_dir, expected, monkeypatch):
+    monkeypatch.setenv('TWINKLE_ASYNC_NO_KERNELS', '1')  # SDPA over each row's blocks gathered (CUDA's path too)
+    async with AsyncSampler(str(tiny_model_dir), engine='torch', engine_args=ARGS) as sampler:
+        assert sampler.engine.core.parts.forward.kernel is None
+        response = await within(sampler.sample({'input_ids': PROMPT}, {**GREEDY, 'num_samples': 3}))
+        assert [s.tokens for s in response.sequences] == [expected] * 3
+        assert_all_returned(sampler)
