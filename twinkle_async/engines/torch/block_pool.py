@@ -66,9 +66,10 @@ class BlockPool:
         """Blocks that can still be promised."""
         return len(self.free) - self.reserved
 
-    def reserve(self, count: int) -> bool:
-        """Promise ``count`` blocks to a later :meth:`allocate`; ``False`` (nothing promised) if they are not free."""
-        if count > self.available:
+    def reserve(self, count: int, cached: Sequence[int] = ()) -> bool:
+        """Promise ``count`` blocks to a later :meth:`allocate`; ``False`` (nothing promised) if they are not free
+        beside the ``cached`` blocks about to be taken (:meth:`take_cached`: the free ones leave the free queue)."""
+        if count + sum(self.blocks[b].refs == 0 for b in cached) > self.available:
             return False
         self.reserved += count
         return True

@@ -84,10 +84,9 @@ class PagedKVCache:
         ``max_new`` tokens. Returns the prompt tokens cached, or ``None`` (nothing held) if the pool is short."""
         hits = self._hits(prompt, adapter) if use_cached else []
         needed, per_sample = self._needed(len(prompt), num_samples, max_new, len(hits))
-        if needed > self.pool.available - sum(self.pool.blocks[b].refs == 0 for b in hits):
+        if not self.pool.reserve(needed, hits):
             return None
         self.pool.take_cached(hits, len(prompt) if use_cached else 0)
-        self.pool.reserve(needed)
         state = self._slots[slot]
         state.reserved, state.per_sample, state.adapter = needed, per_sample, adapter
         self._set_blocks(slot, hits)
