@@ -87,23 +87,24 @@ def load_hf(model_dir: Path, adapter_dir: Path | None = None):
 TINY_ENGINE_ARGS = {'dtype': 'float32', 'max_model_len': 512, 'max_num_seqs': 32, 'seed': 0}
 
 
-async def _tiny_sampler(engine: str, model_dir: Path) -> AsyncIterator:
+async def tiny_sampler(engine: str, model_dir: Path, engine_args: dict = TINY_ENGINE_ARGS) -> AsyncIterator:
+    """A sampler on ``engine`` for ``model_dir`` (a tiny model) until the generator is closed."""
     from twinkle_async import AsyncSampler
-    async with AsyncSampler(str(model_dir), engine=engine, engine_args=TINY_ENGINE_ARGS) as s:
+    async with AsyncSampler(str(model_dir), engine=engine, engine_args=engine_args) as s:
         yield s
 
 
 @pytest_asyncio.fixture(scope='session')
 async def torch_sampler(tiny_model_dir: Path) -> AsyncIterator:
     """The torch engine on the tiny model, shared by the whole session."""
-    async for s in _tiny_sampler('torch', tiny_model_dir):
+    async for s in tiny_sampler('torch', tiny_model_dir):
         yield s
 
 
 @pytest_asyncio.fixture(scope='session')
 async def vllm_sampler(tiny_model_dir: Path) -> AsyncIterator:
     """The vLLM engine on the tiny model, shared by the whole session (vLLM starts in ~20 s)."""
-    async for s in _tiny_sampler('vllm', tiny_model_dir):
+    async for s in tiny_sampler('vllm', tiny_model_dir):
         yield s
 
 

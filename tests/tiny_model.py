@@ -15,7 +15,6 @@ CHATML = (
 
 def build_tiny_model(directory: Path, seed: int = 0) -> Path:
     """A byte-level BPE tokenizer trained on stdlib sources + a 2-layer Llama with random weights."""
-    import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
@@ -35,15 +34,23 @@ def build_tiny_model(directory: Path, seed: int = 0) -> Path:
                          num_key_value_heads=2, head_dim=32, max_position_embeddings=512,
                          eos_token_id=fast.eos_token_id, pad_token_id=fast.pad_token_id, bos_token_id=None,
                          tie_word_embeddings=False)
+    model = with_random_weights(LlamaForCausalLM, config, seed)
+    model.generation_config.eos_token_id = fast.eos_token_id
+    model.save_pretrained(directory, safe_serialization=True)
+    return directory
+
+
+def with_random_weights(model_class, config, seed: int):
+    """``model_class(config)`` with N(0, 0.08) matrices (seeded): outputs far from uniform, so greedy tokens vary."""
+    import torch
+
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(config)
+    model = model_class(config)
     with torch.no_grad():
         for parameter in model.parameters():
             if parameter.dim() > 1:
                 parameter.normal_(0.0, 0.08)
-    model.generation_config.eos_token_id = fast.eos_token_id
-    model.save_pretrained(directory, safe_serialization=True)
-    return directory
+    return model
 
 
 LORA_SHAPES = {

@@ -6,7 +6,9 @@ Every error raised by this package derives from :class:`TwinkleAsyncError`::
     ├── InvalidRequestError (ValueError)     one request is bad; it fails alone
     │   ├── InvalidSamplingParamsError       a SamplingParams field (named in the message)
     │   ├── InvalidInputError                input_ids / trajectory / messages
-    │   │   └── PromptTooLongError           prompt does not fit max_model_len
+    │   │   ├── PromptTooLongError           prompt does not fit max_model_len
+    │   │   └── InvalidImageError            an image that cannot be read (named), or one sent to a
+    │   │                                    text-only model
     │   ├── TemplateNotFoundError            unknown template name
     │   ├── AdapterNotFoundError             unknown adapter name
     │   ├── InvalidAdapterError              an adapter that cannot be loaded (format, config, tensors)
@@ -28,7 +30,7 @@ from __future__ import annotations
 
 __all__ = [
     'TwinkleAsyncError', 'InvalidRequestError', 'InvalidSamplingParamsError', 'InvalidInputError',
-    'PromptTooLongError', 'TemplateNotFoundError', 'AdapterNotFoundError', 'InvalidAdapterError',
+    'PromptTooLongError', 'InvalidImageError', 'TemplateNotFoundError', 'AdapterNotFoundError', 'InvalidAdapterError',
     'WeightUpdateError', 'ConfigurationError',
     'EngineArgsError', 'ModelNotFoundError', 'NotSupportedError', 'OverloadedError', 'EngineError',
     'EngineDeadError', 'ReplicaDiedError',
@@ -53,6 +55,11 @@ class InvalidInputError(InvalidRequestError):
 
 class PromptTooLongError(InvalidInputError):
     """The prompt leaves no room for a generated token within ``max_model_len``."""
+
+
+class InvalidImageError(InvalidInputError):
+    """An image input cannot be used: unreadable or corrupt bytes, an unsupported type, a URL that cannot be
+    fetched, more images than the engine's ``limit_mm_per_prompt``, or an image for a text-only model."""
 
 
 class TemplateNotFoundError(InvalidRequestError):

@@ -10,6 +10,7 @@ from pydantic import Field
 from twinkle_async.adapters import BASE_MODEL, AdapterSpec
 from twinkle_async.data_format.outputs import LogprobRow, StopReason
 from twinkle_async.data_format.sampling_params import SamplingParams
+from twinkle_async.multimodal.processing import MultiModalPrompt
 from twinkle_async.weights import NamedTensors
 
 __all__ = ['RequestParams', 'EngineRequest', 'EngineOutput', 'EngineStats', 'Engine', 'PauseMode', 'PAUSE_MODES',
@@ -35,12 +36,14 @@ class RequestParams(SamplingParams):
 
 @dataclass(frozen=True, slots=True)
 class EngineRequest:
-    """One validated prompt to sample ``params.num_samples`` completions from."""
+    """One validated prompt to sample ``params.num_samples`` completions from; ``multi_modal`` holds its images
+    (``prompt_token_ids`` has their tokens expanded, as the model's processor does)."""
 
     request_id: str
     prompt_token_ids: list[int]
     params: RequestParams
     adapter_name: str = BASE_MODEL
+    multi_modal: Optional[MultiModalPrompt] = None
 
 
 @dataclass(slots=True)

@@ -30,6 +30,7 @@ from twinkle_async.errors import (
 from twinkle_async.infra import check_local_mesh
 from twinkle_async.mesh import DeviceMesh, with_tensor_parallel
 from twinkle_async.models import DEFAULT_MODEL, resolve_model
+from twinkle_async.multimodal.processing import ImageProcessor, load_image_processor
 from twinkle_async.sampler.adapter_paths import AdapterPaths
 from twinkle_async.sampler.admission import Admission
 from twinkle_async.sampler.requests import ParamsLike, as_items, coerce_params, encode_input, resolve_params
@@ -82,6 +83,7 @@ class AsyncSampler:
         self._template_spec = template
         self._engine: Optional[Engine] = None
         self._template: Optional[Template] = None
+        self._images: Optional[ImageProcessor] = None
         self._model_lock = asyncio.Lock()  # adapter and weight changes happen one at a time
         self._adapter_paths = AdapterPaths()
         self.model_dir: Optional[Path] = None
@@ -103,7 +105,9 @@ class AsyncSampler:
             return
         self.model_dir = await asyncio.to_thread(resolve_model, self.model_id)
         self._engine = await create_engine(self.engine_kind, self.model_dir, self.engine_args)
-        self._template = build_template(self._template_spec or 'default', self._engine.tokenizer)
+        self._images = await asyncio.to_thread(load_image_processor, self.model_dir,
+                                               bool(self.engine_args.get('trust_remote_code')))
+        self._template = build_template(self._template_spec or 'default', self._text_or_images())
 
     async def close(self) -> None:
         """Stop the engine; open requests fail with ``EngineDeadError``."""
@@ -139,7 +143,11 @@ class AsyncSampler:
             ConfigurationError: ``model_id`` names another model, or an invalid template argument.
         """
         self._check_template_model(kwargs.pop('model_id', None))
-        self._template = build_template(template, self.engine.tokenizer, **kwargs)
+        self._template = build_template(template, self._text_or_images(), **kwargs)
+
+    def _text_or_images(self) -> Any:
+        """What templates are built on: the model's image processor (vision-language models), else its tokenizer."""
+        return self._images or self.engine.tokenizer
 
     def _check_template_model(self, model_id: Optional[str]) -> None:
         if model_id is None or model_id == self.model_id:
@@ -318,7 +326,7 @@ class AsyncSampler:
     async def reset_cache(self, kind: CacheKind) -> None:
         """Empty one of the engine's caches: 'prefix' (cached KV of earlier prompts), 'mm' (processed multimodal
         inputs) or 'encoder' (vision encoder outputs). A no-op where the engine has no such cache (the torch
-        engine has none of them yet)."""
+        engine has a prefix cache on its native runner, and neither of the other two)."""
         if kind not in CACHE_KINDS:
             raise InvalidRequestError(f'cache kind must be one of {CACHE_KINDS}, got {kind!r}')
         await self.engine.reset_cache(kind)
@@ -379,8 +387,11 @@ class AsyncSampler:
         feature, prompt = encode_input(item, self.template, engine.vocab_size, params.scoring)
         if feature is None:
             return None, None
+        images = self.template.multimodal_prompt(feature, prompt)
+        if images is not None:
+            feature = self.template.pixel_features(feature, images)
         resolved = resolve_params(params, len(prompt), engine.max_model_len, engine.vocab_size, engine.max_logprobs)
-        return feature, EngineRequest(uuid.uuid4().hex, prompt, resolved, adapter_name)
+        return feature, EngineRequest(uuid.uuid4().hex, prompt, resolved, adapter_name, images)
 
 
 def streamable(params: Any) -> Any:

@@ -188,6 +188,7 @@ class _Gateway:
             if feature is None:
                 raise InvalidInputError('the conversation is longer than the template\'s max_length')
             rendered = list(feature['input_ids'])
+            images = {'images': feature['images']} if feature.get('images') else {}  # image_url parts, loaded
         session = self.sessions.get_or_create(session_id) if session_id else None
         asked_logprobs = params.logprobs is not None
         if session is not None and not asked_logprobs:  # a session's trajectory records the sampled logprobs
@@ -197,9 +198,9 @@ class _Gateway:
         parse_calls = self.sampler.template.split_tool_calls if body.wants_tool_calls else None
         call = dict(sampling_params=params, adapter_name=adapter, session_id=session_id)
         if body.stream:
-            stream = _ChatStream(self, body, prompt, call, parse_calls, turn, asked_logprobs)
+            stream = _ChatStream(self, body, prompt, images, call, parse_calls, turn, asked_logprobs)
             return _EventStream(stream.run())
-        response = await self._sample(request, {'input_ids': prompt}, call)
+        response = await self._sample(request, {'input_ids': prompt, **images}, call)
         if turn is not None:
             first = response.sequences[0]
             turn[0].add_turn(turn[1], prompt, first.tokens, first.logprobs, first.weight_versions, first.stop_reason)
@@ -279,9 +280,10 @@ class _ChatStream:
     """One streamed chat completion: a role chunk, then content and (when tools were offered) tool-call deltas
     as OpenAI streams them, then each choice's finish."""
 
-    def __init__(self, gateway: _Gateway, body: ChatCompletionRequest, prompt: list[int], call: dict[str, Any],
-                 parse_calls: Any, turn: Optional[tuple[Session, Segment]], with_logprobs: bool) -> None:
-        self.gateway, self.body, self.prompt, self.call = gateway, body, prompt, call
+    def __init__(self, gateway: _Gateway, body: ChatCompletionRequest, prompt: list[int], images: dict[str, Any],
+                 call: dict[str, Any], parse_calls: Any, turn: Optional[tuple[Session, Segment]],
+                 with_logprobs: bool) -> None:
+        self.gateway, self.body, self.prompt, self.images, self.call = gateway, body, prompt, images, call
         self.parse_calls, self.turn, self.with_logprobs = parse_calls, turn, with_logprobs
         self.call_starts = [parser.start for parser in tool_parsers()]
         self.id, self.created, self.model = fmt.new_id('chatcmpl'), int(time.time()), body.model or gateway.model_name
@@ -294,7 +296,7 @@ class _ChatStream:
         yield self._chunk([{'index': i, 'delta': {'role': 'assistant', 'content': ''}, 'finish_reason': None}
                            for i in range(self.body.n)])
         with _typed_errors():
-            stream = self.gateway.sampler.stream({'input_ids': self.prompt}, **self.call)
+            stream = self.gateway.sampler.stream({'input_ids': self.prompt, **self.images}, **self.call)
             async with contextlib.aclosing(stream) as deltas:
                 async for delta in deltas:
                     choice = choices[delta.index]

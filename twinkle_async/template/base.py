@@ -2,7 +2,8 @@
 
 Constructed as Twinkle's ``Template(model_id, use_chat_template=True, max_length=8192,
 truncation_strategy='raise', default_system=None, enable_thinking=True, **template_vars)``; the first argument
-may also be a tokenizer. Every keyword it does not know is a chat-template variable.
+may also be a tokenizer or a vision-language model's :class:`~twinkle_async.multimodal.ImageProcessor`. Every
+keyword it does not know is a chat-template variable.
 """
 
 from __future__ import annotations
@@ -11,7 +12,10 @@ import os
 from typing import Any, Mapping, Optional, Sequence, cast
 
 from twinkle_async.data_format.inputs import InputFeature
-from twinkle_async.errors import InvalidInputError
+from twinkle_async.errors import InvalidImageError, InvalidInputError, PromptTooLongError
+from twinkle_async.multimodal.images import load_image
+from twinkle_async.multimodal.messages import gather_images
+from twinkle_async.multimodal.processing import ImageProcessor, MultiModalPrompt, load_image_processor
 from twinkle_async.template.detokenizer import IncrementalDetokenizer
 from twinkle_async.template.features import (
     IGNORE,
@@ -37,8 +41,14 @@ class Template:
     """Encodes trajectories with a chat template (the tokenizer's own unless the class or ``chat_template``
     sets one) and builds continuation features.
 
+    With a vision-language model's processor, trajectories may hold images (see ``multimodal.messages`` for the
+    forms): the processor expands them into the model's image tokens, and the feature carries ``images`` (RGB PIL, in
+    prompt order) and the processor's pixel tensors (``pixel_values``, ...), so a trainer's forward sees the pixels
+    the sampler saw.
+
     Args:
-        model_id: a tokenizer, or a model id / directory to load one from (see ``resolve_model``).
+        model_id: a tokenizer, an ``ImageProcessor``, or a model id / directory to load them from (see
+            ``resolve_model``).
         use_chat_template: ``False`` tokenizes a single user message's text as is.
         max_length: longest prompt, in tokens (``None``: no limit); see ``truncation_strategy``.
         truncation_strategy: for longer prompts, 'raise' (``PromptTooLongError``), 'left' (keep the last
@@ -58,9 +68,14 @@ class Template:
                  truncation_strategy: str = 'raise', default_system: Optional[str] = None,
                  enable_thinking: bool = True, *, chat_template: Optional[str] = None, **template_vars: Any) -> None:
         check_truncation_strategy(truncation_strategy)
-        self.tokenizer = _load_tokenizer(model_id) if isinstance(model_id, (str, os.PathLike)) else model_id
+        if isinstance(model_id, (str, os.PathLike)):
+            model_id = _load_processor(model_id)
+        self.images: Optional[ImageProcessor] = model_id if isinstance(model_id, ImageProcessor) else None
+        self.tokenizer = self.images.tokenizer if self.images else model_id
         if chat_template is not None:
             self.chat_template = chat_template
+        elif self.chat_template is None and self.images:
+            self.chat_template = getattr(self.images.processor, 'chat_template', None)
         if self.chat_template is None and not getattr(self.tokenizer, 'chat_template', None):
             self.chat_template = CHATML
         self.use_chat_template = use_chat_template
@@ -72,8 +87,8 @@ class Template:
 
     @property
     def processor(self) -> Any:
-        """Twinkle's name for the tokenizer (text models)."""
-        return self.tokenizer
+        """The model's processor (vision-language models), else the tokenizer: Twinkle's name."""
+        return self.images.processor if self.images else self.tokenizer
 
     def encode(self, trajectory: Mapping[str, Any], add_generation_prompt: bool = True) -> Optional[InputFeature]:
         """The trajectory as a prompt feature: a copy of it (``messages``, ``tools`` and every other key, the
@@ -87,11 +102,38 @@ class Template:
         feature = plain_copy(trajectory)
         if self.default_system and self.use_chat_template:
             feature['messages'] = _with_system(feature.get('messages'), self.default_system)
-        ids = truncate_ids(self._tokenize(feature, add_generation_prompt), self.max_length,
-                           self.truncation_strategy)
+        gathered = gather_images(feature)
+        rendered = self._tokenize(feature, add_generation_prompt) if gathered is None else \
+            self._tokenize_with_images(feature, *gathered, add_generation_prompt)
+        ids = truncate_ids(rendered, self.max_length, self.truncation_strategy)
         if ids is None:
             return None
         return cast(InputFeature, with_ids(feature, ids, [IGNORE] * len(ids)))
+
+    def multimodal_prompt(self, feature: Mapping[str, Any], ids: list[int]) -> Optional[MultiModalPrompt]:
+        """The images of a prompt feature (its ``images``, with ``mm_processor_kwargs``) as an engine takes them;
+        ``None`` without images.
+
+        Raises:
+            InvalidImageError: an unreadable image, or images for a text-only model.
+            InvalidInputError: ``ids`` do not hold the images' tokens as the processor expands them, or hold image
+                tokens without images.
+        """
+        images = feature.get('images')
+        if not images:
+            if self.images is not None and self.images.holds_placeholder(ids):
+                raise InvalidInputError(f'the prompt holds image tokens ({self.images.placeholder}) but no images')
+            return None
+        loaded = tuple(load_image(image, f'images[{i}]') for i, image in enumerate(self._image_list(images)))
+        kwargs = dict(feature.get('mm_processor_kwargs') or {})
+        return MultiModalPrompt(loaded, self._checked_images().collapse(ids, loaded, kwargs), kwargs)
+
+    def pixel_features(self, feature: Mapping[str, Any], prompt: MultiModalPrompt) -> dict[str, Any]:
+        """``feature`` with the image processor's tensors for ``prompt`` under the keys it lacks (an ``InputFeature``
+        given only ``images``), so its continuation carries them."""
+        pixels = self._checked_images().pixels(prompt.images, prompt.processor_kwargs)
+        missing = {key: value for key, value in pixels.items() if key not in feature}
+        return {**feature, **missing} if missing else dict(feature)
 
     def batch_encode(self, trajectories: Sequence[Mapping[str, Any]],
                      add_generation_prompt: bool = True) -> list[InputFeature]:
@@ -149,15 +191,46 @@ class Template:
     def _tokenize(self, feature: dict[str, Any], add_generation_prompt: bool) -> list[int]:
         if not self.use_chat_template:
             return self._tokenize_plain(feature)
+        return list(self.tokenizer(self._render(feature, add_generation_prompt), add_special_tokens=False)['input_ids'])
+
+    def _render(self, feature: dict[str, Any], add_generation_prompt: bool) -> str:
         messages, tools = hf_messages(feature), hf_tools(feature)
         try:
-            text = self.tokenizer.apply_chat_template(
+            return self.tokenizer.apply_chat_template(
                 messages, tools=tools, chat_template=self.chat_template, tokenize=False,
                 add_generation_prompt=add_generation_prompt, enable_thinking=self.enable_thinking,
                 **self.template_vars)
         except Exception as exc:  # jinja raises its own error types for template-level problems
             raise InvalidInputError(f'chat template failed on this trajectory: {exc}') from exc
-        return list(self.tokenizer(text, add_special_tokens=False)['input_ids'])
+
+    def _tokenize_with_images(self, feature: dict[str, Any], messages: list[Any], images: list[Any],
+                              add_generation_prompt: bool) -> list[int]:
+        """The prompt with images expanded by the processor; ``feature`` gets the rewritten ``messages``, the loaded
+        ``images`` and the pixel tensors."""
+        if not self.use_chat_template:
+            raise InvalidInputError('use_chat_template=False takes text only: images need the chat template')
+        processor = self._checked_images()
+        feature['messages'] = messages
+        feature['images'] = [load_image(image, f'images[{i}]') for i, image in enumerate(images)]
+        text = self._render(feature, add_generation_prompt)
+        ids, pixels = processor.expand(text, feature['images'], feature.get('mm_processor_kwargs') or {})
+        if self.max_length and len(ids) > self.max_length and self.truncation_strategy != 'delete':
+            raise PromptTooLongError(f'the prompt has {len(ids)} tokens with its images, over max_length='
+                                     f'{self.max_length}; a prompt with images is never cut (its image tokens would '
+                                     "be): raise max_length or use truncation_strategy='delete'")
+        feature.update(pixels)
+        return ids
+
+    def _checked_images(self) -> ImageProcessor:
+        if self.images is None:
+            raise InvalidImageError('this model is text-only (it has no image processor): it cannot take images')
+        return self.images
+
+    @staticmethod
+    def _image_list(images: Any) -> list[Any]:
+        if not isinstance(images, (list, tuple)):
+            raise InvalidImageError(f'images must be a list, got {type(images).__name__}')
+        return list(images)
 
     def _tokenize_plain(self, feature: dict[str, Any]) -> list[int]:
         messages = hf_messages(feature)
@@ -180,8 +253,10 @@ def _with_system(messages: Any, system: str) -> Any:
     return messages
 
 
-def _load_tokenizer(model_id: Any) -> Any:
+def _load_processor(model_id: Any) -> Any:
+    """The model's ``ImageProcessor`` (vision-language models), else its tokenizer."""
     from transformers import AutoTokenizer
 
     from twinkle_async.models import resolve_model
-    return AutoTokenizer.from_pretrained(resolve_model(str(model_id)))
+    model_dir = resolve_model(str(model_id))
+    return load_image_processor(model_dir) or AutoTokenizer.from_pretrained(model_dir)

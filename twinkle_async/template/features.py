@@ -21,7 +21,8 @@ IGNORE = -100
 
 def plain_copy(value: Any) -> Any:
     """A deep copy in which arrays and tensors become lists and numpy scalars Python numbers (the input is
-    left untouched)."""
+    left untouched). Pixel data is shared, not copied: PIL images, and arrays and tensors of three or more dimensions
+    or of floating point with two (images, a processor's ``pixel_values``)."""
     if isinstance(value, Mapping):
         return {key: plain_copy(item) for key, item in value.items()}
     if isinstance(value, list):
@@ -29,10 +30,24 @@ def plain_copy(value: Any) -> Any:
     if isinstance(value, tuple):
         return tuple(plain_copy(item) for item in value)
     if hasattr(value, 'tolist') and hasattr(value, 'shape'):  # numpy arrays and scalars, torch tensors
-        return value.tolist()
-    if isinstance(value, (str, int, float, bool, type(None))):
+        return value if _is_pixels(value) else value.tolist()
+    if isinstance(value, (str, int, float, bool, type(None))) or _is_pil_image(value):
         return value
     return copy.deepcopy(value)
+
+
+def _is_pixels(array: Any) -> bool:
+    """Images and pixel tensors: three or more dimensions, or two of floating point (a processor's flattened
+    patches)."""
+    dtype = array.dtype
+    floating = getattr(dtype, 'is_floating_point', None)
+    if floating is None:  # numpy
+        floating = getattr(dtype, 'kind', '') == 'f'
+    return len(array.shape) >= 3 or (bool(floating) and len(array.shape) >= 2)
+
+
+def _is_pil_image(value: Any) -> bool:
+    return type(value).__module__.startswith('PIL.')
 
 
 def as_id_list(value: Any, field: str = 'input_ids') -> list[int]:

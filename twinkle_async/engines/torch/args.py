@@ -29,7 +29,8 @@ class TorchEngineArgs(BaseModel):
     ``torch_dtype`` is another name for ``dtype``. ``runner``: ``'native'`` runs the Llama family (Llama, Mistral,
     Qwen2, Qwen3) on the engine's own fused model, ``'hf'`` any causal LM through its Hugging Face modules, ``'auto'``
     the native runner where it serves the checkpoint. ``gpu_memory_utilization`` (vLLM's, passed by Twinkle scripts) is
-    accepted and ignored: ``kv_cache_memory_bytes`` sizes this engine's cache.
+    accepted and ignored: ``kv_cache_memory_bytes`` sizes this engine's cache. ``limit_mm_per_prompt`` (vLLM's):
+    at most ``{'image': n}`` images in one prompt (vision-language models; no limit by default).
     """
 
     model_config = ConfigDict(extra='forbid', frozen=True)
@@ -50,6 +51,7 @@ class TorchEngineArgs(BaseModel):
     logprobs_mode: LogprobsMode = 'raw_logprobs'
     max_logprobs: int = Field(default=20, ge=0)
     gpu_memory_utilization: Optional[float] = Field(default=None, gt=0, le=1)
+    limit_mm_per_prompt: Optional[dict[Literal['image'], int]] = None
 
 
 def parse_engine_args(engine_args: Optional[Mapping[str, Any]]) -> TorchEngineArgs:

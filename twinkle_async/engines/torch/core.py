@@ -10,7 +10,7 @@ from __future__ import annotations
 import itertools
 import queue
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Mapping, Optional
 
 import torch
 
@@ -78,8 +78,8 @@ class EngineCore:
         self._stopped = False
 
     # -- commands from the event loop (thread-safe) --
-    def submit(self, request: EngineRequest) -> None:
-        self.inbox.put(('add', request))
+    def submit(self, request: EngineRequest, pixels: Optional[Mapping[str, Any]] = None) -> None:
+        self.inbox.put(('add', (request, pixels)))
 
     def abort(self, request_id: str) -> None:
         self.inbox.put(('abort', request_id))
@@ -238,7 +238,7 @@ class EngineCore:
 
     def _handle(self, command: str, payload: Any) -> None:
         if command == 'add':
-            request = Request.from_engine_request(payload, self.tokenizer)
+            request = Request.from_engine_request(payload[0], self.tokenizer, payload[1])
             if self.pause_mode is None:
                 self.scheduler.add(request)
             else:

@@ -16,7 +16,18 @@ from twinkle_async.engines.torch.core import CoreConfig, EngineCore
 from twinkle_async.engines.torch.kv_cache import STAGING_SLOTS, SlotKVCache
 from twinkle_async.engines.torch.loader import load_model, model_max_len
 from twinkle_async.engines.torch.native.model import NativeCausalLM
-from twinkle_async.errors import EngineArgsError, EngineDeadError, InvalidRequestError, NotSupportedError
+from twinkle_async.errors import (
+    EngineArgsError,
+    EngineDeadError,
+    InvalidRequestError,
+    NotSupportedError,
+)
+from twinkle_async.multimodal.processing import (
+    ImageProcessor,
+    MultiModalPrompt,
+    check_image_limit,
+    load_image_processor,
+)
 from twinkle_async.weights import NamedTensors, stage_update
 
 T = TypeVar('T')
@@ -35,9 +46,11 @@ class TorchEngine:
     Build it with ``await TorchEngine.create(model_dir, engine_args)``.
     """
 
-    def __init__(self, model: Any, tokenizer: Any, args: TorchEngineArgs, max_model_len: int) -> None:
+    def __init__(self, model: Any, tokenizer: Any, args: TorchEngineArgs, max_model_len: int,
+                 images: Optional[ImageProcessor] = None) -> None:
         self.args = args
         self.tokenizer = tokenizer
+        self.images = images
         self.vocab_size = model.config.get_text_config().vocab_size
         self.max_model_len = max_model_len
         self.max_logprobs = args.max_logprobs
@@ -64,9 +77,10 @@ class TorchEngine:
         """
         args = parse_engine_args(engine_args)
         model, tokenizer = await asyncio.to_thread(load_model, model_dir, args)
+        images = await asyncio.to_thread(load_image_processor, model_dir, args.trust_remote_code)
         max_model_len = _max_model_len(model, args)
         _check_kv_budget(model, args, max_model_len)
-        return cls(model, tokenizer, args, max_model_len)
+        return cls(model, tokenizer, args, max_model_len, images)
 
     @property
     def is_dead(self) -> bool:
@@ -79,6 +93,7 @@ class TorchEngine:
             EngineDeadError: the engine thread died (now or while this request ran).
             InvalidRequestError: ``num_samples`` exceeds the engine's slots, or the request needs more KV memory than
                 the cache has.
+            InvalidImageError: images for a text-only model, or more than ``limit_mm_per_prompt``.
         """
         self._check_alive()
         params = request.params
@@ -90,9 +105,10 @@ class TorchEngine:
                 f'a {len(request.prompt_token_ids)}-token prompt with num_samples={params.num_samples} and '
                 f'max_tokens={params.max_tokens} needs more KV memory than kv_cache_memory_bytes='
                 f'{self.args.kv_cache_memory_bytes} holds; lower one of them or raise the budget')
+        pixels = await self._pixels(request.multi_modal) if request.multi_modal else None
         collector: OutputCollector[EngineOutput] = OutputCollector()
         self._collectors[request.request_id] = collector
-        self.core.submit(request)
+        self.core.submit(request, pixels)
         unfinished = request.params.num_samples
         try:
             while unfinished:
@@ -106,6 +122,12 @@ class TorchEngine:
             raise
         finally:
             self._collectors.pop(request.request_id, None)
+
+    async def _pixels(self, prompt: MultiModalPrompt) -> Mapping[str, Any]:
+        """The image processor's tensors for the prompt's images (computed off the event loop)."""
+        check_image_limit(prompt, 0 if self.images is None else (self.args.limit_mm_per_prompt or {}).get('image'))
+        assert self.images is not None
+        return await asyncio.to_thread(self.images.pixels, prompt.images, prompt.processor_kwargs)
 
     async def abort(self, request_id: str) -> None:
         """End ``request_id`` early; its unfinished samples finish with 'abort'."""

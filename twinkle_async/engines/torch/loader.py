@@ -10,7 +10,7 @@ import torch
 
 from twinkle_async.engines.torch.args import TorchEngineArgs
 from twinkle_async.engines.torch.attention import register_attention
-from twinkle_async.errors import ConfigurationError, EngineArgsError
+from twinkle_async.errors import ConfigurationError, EngineArgsError, NotSupportedError
 from twinkle_async.models import require_safetensors
 
 __all__ = ['load_model', 'resolve_device', 'resolve_dtype', 'model_max_len']
@@ -47,6 +47,7 @@ def load_model(model_dir: Path, args: TorchEngineArgs) -> tuple[Any, Any]:
 
     Raises:
         ConfigurationError: the directory has no safetensors weights or cannot be loaded.
+        NotSupportedError: a vision-language model with multimodal rotary positions (M-RoPE).
         EngineArgsError: ``runner='native'`` for a checkpoint it does not serve (the reason named).
     """
     from transformers import AutoConfig, AutoTokenizer
@@ -65,7 +66,7 @@ def load_model(model_dir: Path, args: TorchEngineArgs) -> tuple[Any, Any]:
         model = _native(model_dir, config, args, dtype, device)
         if model is not None:
             return model, tokenizer
-    return _hugging_face(model_dir, args, dtype, device), tokenizer
+    return _hugging_face(model_dir, config, args, dtype, device), tokenizer
 
 
 def _native(model_dir: Path, config: Any, args: TorchEngineArgs, dtype: torch.dtype, device: torch.device) -> Any:
@@ -91,12 +92,20 @@ def _native(model_dir: Path, config: Any, args: TorchEngineArgs, dtype: torch.dt
     return model
 
 
-def _hugging_face(model_dir: Path, args: TorchEngineArgs, dtype: torch.dtype, device: torch.device) -> Any:
-    from transformers import AutoModelForCausalLM
+def _hugging_face(model_dir: Path, config: Any, args: TorchEngineArgs, dtype: torch.dtype,
+                  device: torch.device) -> Any:
+    """The checkpoint's own Hugging Face class: a causal LM, or an image-text-to-text model (its vision tower runs in
+    prefill)."""
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
     register_attention()
+    vision = getattr(config, 'vision_config', None) is not None
+    if vision and 'mrope_section' in (getattr(config.get_text_config(), 'rope_parameters', None) or {}):
+        raise NotSupportedError(f'the torch engine does not compute the multimodal rotary positions (M-RoPE) of '
+                                f'{config.model_type}: use the vllm engine')
+    auto = AutoModelForImageTextToText if vision else AutoModelForCausalLM
     try:
-        model: Any = AutoModelForCausalLM.from_pretrained(  # the class is the checkpoint's: known at run time only
+        model: Any = auto.from_pretrained(  # the class is the checkpoint's: known at run time only
             model_dir, dtype=dtype, use_safetensors=True, trust_remote_code=args.trust_remote_code,
             attn_implementation=args.attn_implementation)
     except Exception as exc:  # transformers raises OSError/ValueError; trusted remote code may raise anything

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass, field
-from typing import Optional, Protocol, Sequence
+from typing import Mapping, Optional, Protocol, Sequence
 
 import torch
 
@@ -17,7 +17,7 @@ from twinkle_async.engines.torch.attention import ATTENTION_NAME
 from twinkle_async.engines.torch.kv_cache import KVCache, SlotKVCache
 from twinkle_async.engines.torch.lora import LoraAdapters
 from twinkle_async.engines.torch.scheduler import Chunk
-from twinkle_async.engines.torch.sequence import Sample
+from twinkle_async.engines.torch.sequence import Request, Sample
 from twinkle_async.engines.torch.slots import SlotTable
 
 __all__ = ['ModelRunner', 'StepLogits', 'MixedBatch', 'Forward', 'HFForward', 'additive_mask']
@@ -45,9 +45,10 @@ class Forward(Protocol):
     """Whether :meth:`mixed` exists: decode rows and prefill chunks (which read the cache) in one forward."""
 
     def packed(self, input_ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, bounds: list[int],
-               keep: torch.Tensor, adapter: str) -> torch.Tensor:
+               keep: torch.Tensor, adapter: str, pixels: Optional[Mapping[str, torch.Tensor]] = None) -> torch.Tensor:
         """Whole sequences packed in one row (token ``t`` cached at ``(slots[t], positions[t])``, sequence ``i`` is
-        ``bounds[i]:bounds[i+1]`` from position 0), all of ``adapter``; the logits at token indices ``keep``."""
+        ``bounds[i]:bounds[i+1]`` from position 0), all of ``adapter``; the logits at token indices ``keep``.
+        ``pixels``: the image processor's tensors of the one sequence's images (it is then alone in the row)."""
 
     def decode(self, input_ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor,
                adapters: Sequence[str]) -> torch.Tensor:
@@ -87,20 +88,24 @@ class ModelRunner:
             return self._mixed(rows, chunks, wanted)
         result = StepLogits(self.decode(rows) if rows else None)
         at = 0
-        for _, run in itertools.groupby(chunks, key=lambda c: c.request.adapter):
+        for _, run in itertools.groupby(chunks, key=lambda c: _forward_group(c.request)):
             group = list(run)
             keep = torch.tensor(self._offsets(group, wanted[at:at + len(group)]), device=self.device)
             logits = self._forward_packed([c.request.prompt_token_ids for c in group], [c.slot for c in group],
-                                          keep, group[0].request.adapter)
+                                          keep, group[0].request.adapter, group[0].request.pixels)
             result.chunks += self._split(logits, wanted[at:at + len(group)])
             at += len(group)
         return result
 
     def recompute(self, samples: list[Sample]) -> None:
-        """Rebuild the cached KV of running samples of one adapter from their tokens (new weights)."""
-        sequences = [s.request.prompt_token_ids + s.output_ids[:-1] for s in samples]
-        keep = torch.tensor([len(sequences[0]) - 1], device=self.device)
-        self._forward_packed(sequences, [s.slot for s in samples], keep, samples[0].request.adapter)
+        """Rebuild the cached KV of running samples of one adapter from their tokens (new weights); a sample with
+        images in a forward of its own."""
+        for _, run in itertools.groupby(samples, key=lambda s: _forward_group(s.request)):
+            group = list(run)
+            sequences = [s.request.prompt_token_ids + s.output_ids[:-1] for s in group]
+            keep = torch.tensor([len(sequences[0]) - 1], device=self.device)
+            self._forward_packed(sequences, [s.slot for s in group], keep, group[0].request.adapter,
+                                 group[0].request.pixels)
 
     def decode(self, rows: int) -> torch.Tensor:
         """One token for each of rows ``0..rows-1``; returns their next-token logits ``[rows, V]``."""
@@ -144,8 +149,8 @@ class ModelRunner:
         visible = torch.arange(kv_len, device=self.device).unsqueeze(0) <= positions.unsqueeze(1)
         return positions, additive_mask(visible, self.dtype)[:, None, None]
 
-    def _forward_packed(self, sequences: list[list[int]], slots: list[int], keep: torch.Tensor,
-                        adapter: str) -> torch.Tensor:
+    def _forward_packed(self, sequences: list[list[int]], slots: list[int], keep: torch.Tensor, adapter: str,
+                        pixels: Optional[Mapping[str, torch.Tensor]] = None) -> torch.Tensor:
         lengths = [len(s) for s in sequences]
         input_ids = torch.tensor([t for s in sequences for t in s], device=self.device)
         positions = torch.cat([torch.arange(n, device=self.device) for n in lengths])
@@ -154,7 +159,7 @@ class ModelRunner:
         for slot, length in zip(slots, lengths):
             self.cache.grow(slot, length)
         bounds = [0, *itertools.accumulate(lengths)]
-        return self.forward.packed(input_ids, positions, token_slots, bounds, keep, adapter)
+        return self.forward.packed(input_ids, positions, token_slots, bounds, keep, adapter, pixels)
 
     @staticmethod
     def _wanted(chunk: Chunk) -> list[int]:
@@ -188,7 +193,7 @@ class HFForward:
         self.packed_bounds = lora.base.config._attn_implementation == ATTENTION_NAME
 
     def packed(self, input_ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, bounds: list[int],
-               keep: torch.Tensor, adapter: str) -> torch.Tensor:
+               keep: torch.Tensor, adapter: str, pixels: Optional[Mapping[str, torch.Tensor]] = None) -> torch.Tensor:
         self.cache.plan_prefill(slots, positions)
         if self.packed_bounds:
             spans = torch.tensor(bounds, device=input_ids.device)
@@ -197,7 +202,13 @@ class HFForward:
             attention = {'attention_mask': self._block_diagonal(positions, bounds)}
         return self.lora.model(input_ids=input_ids.unsqueeze(0), position_ids=positions.unsqueeze(0),
                                past_key_values=self.cache, use_cache=True, logits_to_keep=keep, **attention,
-                               **self.lora.forward_kwargs([adapter], 1)).logits[0]
+                               **self._on_device(pixels), **self.lora.forward_kwargs([adapter], 1)).logits[0]
+
+    def _on_device(self, pixels: Optional[Mapping[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        """The image tensors on the model's device, floating ones in its dtype."""
+        base = self.lora.base
+        return {key: value.to(base.device, base.dtype if value.is_floating_point() else value.dtype)
+                for key, value in (pixels or {}).items()}
 
     def mixed(self, batch: MixedBatch) -> torch.Tensor:
         raise NotImplementedError('the Hugging Face runner prefills whole prompts in their own forward')
@@ -214,6 +225,11 @@ class HFForward:
         seq_ids = torch.repeat_interleave(torch.arange(len(lengths), device=positions.device), lengths)
         visible = (seq_ids.unsqueeze(1) == seq_ids.unsqueeze(0)) & (positions.unsqueeze(1) >= positions.unsqueeze(0))
         return additive_mask(visible, self.lora.base.dtype)[None, None]
+
+
+def _forward_group(request: Request) -> tuple[str, Optional[Request]]:
+    """Requests packed into one forward share the adapter and have no images (one with images goes alone)."""
+    return request.adapter, request if request.pixels is not None else None
 
 
 def additive_mask(visible: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Any, Mapping, Optional
 
 from twinkle_async.adapters import BASE_MODEL
 from twinkle_async.data_format.outputs import LogprobRow, StopReason
@@ -43,7 +43,8 @@ class Sample:
 
 @dataclass(eq=False, slots=True)
 class Request:
-    """A request waiting for slots or running; finished when every sample has a finish reason."""
+    """A request waiting for slots or running; finished when every sample has a finish reason. ``pixels``: the
+    image processor's tensors for its images (the model's forward takes them with the prompt)."""
 
     request_id: str
     prompt_token_ids: list[int]
@@ -52,10 +53,13 @@ class Request:
     samples: list[Sample] = field(default_factory=list)
     prompt_logprobs: Optional[list[Optional[LogprobRow]]] = None  # filled chunk by chunk while prefilled
     num_prefilled: int = 0  # prompt tokens cached so far (in the staging slot while prefilled in chunks)
+    pixels: Optional[Mapping[str, Any]] = None
 
     @classmethod
-    def from_engine_request(cls, request: EngineRequest, tokenizer: object) -> Request:
-        state = cls(request.request_id, list(request.prompt_token_ids), request.params, request.adapter_name)
+    def from_engine_request(cls, request: EngineRequest, tokenizer: object,
+                            pixels: Optional[Mapping[str, Any]] = None) -> Request:
+        state = cls(request.request_id, list(request.prompt_token_ids), request.params, request.adapter_name,
+                    pixels=pixels)
         state.samples = [Sample(state, i, IncrementalDetokenizer(tokenizer, state.prompt_token_ids))
                          for i in range(request.params.num_samples)]
         return state

@@ -23,11 +23,13 @@ from twinkle_async.errors import (
     EngineArgsError,
     EngineDeadError,
     EngineError,
+    InvalidInputError,
     InvalidRequestError,
     NotSupportedError,
     TwinkleAsyncError,
 )
 from twinkle_async.models import require_safetensors
+from twinkle_async.multimodal.processing import check_image_limit
 from twinkle_async.weights import NamedTensors
 
 __all__ = ['VLLMEngine']
@@ -47,6 +49,8 @@ class VLLMEngine:
         self.vocab_size = model_config.get_vocab_size()
         self.max_num_seqs = llm.vllm_config.scheduler_config.max_num_seqs
         self.max_logprobs = model_config.max_logprobs
+        images = model_config.multimodal_config
+        self.image_limit = images.get_limit_per_prompt('image') if images is not None else 0
         self.labels = VersionLabels(llm.output_processor)
         self.loras = LoraRegistry(llm)
         self.weight_sync = WeightSync(llm, model_dir)
@@ -96,14 +100,16 @@ class VLLMEngine:
         Raises:
             EngineDeadError: vLLM's engine core died (or the engine was closed).
             InvalidRequestError: vLLM rejected the request.
+            InvalidImageError: images for a text-only model, or more than ``limit_mm_per_prompt``.
         """
-        from vllm import TokensPrompt
         from vllm.exceptions import VLLMClientError
 
         self._check_alive()
         if request.params.num_samples > self.max_num_seqs:
             raise InvalidRequestError(f'num_samples={request.params.num_samples} exceeds this engine\'s '
                                       f'max_num_seqs={self.max_num_seqs}')
+        if request.multi_modal is not None:
+            check_image_limit(request.multi_modal, self.image_limit)
         copies = request.params.num_samples if request.params.temperature == 0 else 1
         try:
             vllm_params = to_vllm_params(request.params, n=request.params.num_samples // copies)
@@ -112,11 +118,11 @@ class VLLMEngine:
         lora_request = self.loras.request_for(request.adapter_name)
         prompt_pending, finished = True, False
         try:  # a cancellation while vLLM adds the request must abort it too
-            queue = await self._add(request, TokensPrompt(prompt_token_ids=request.prompt_token_ids), vllm_params,
-                                    lora_request)
+            queue = await self._add(request, _vllm_prompt(request), vllm_params, lora_request)
             while not finished:
                 for version, output in await queue.get():
                     self._held.discard(request.request_id)
+                    _check_expanded(request, output.prompt_token_ids)
                     for engine_output in to_engine_outputs(request.request_id, output, request.params,
                                                            prompt_pending, version):
                         yield engine_output
@@ -298,6 +304,32 @@ class VLLMEngine:
         if isinstance(exc, (ValueError, VLLMClientError)):
             return InvalidRequestError(f'vllm rejected the request: {exc}')
         return exc
+
+
+def _vllm_prompt(request: EngineRequest) -> Any:
+    """vLLM's prompt: the token ids, or with images the ids with one placeholder per image and the images (vLLM's
+    processor expands them: given expanded ids it would expand them again)."""
+    from vllm import TokensPrompt
+
+    images = request.multi_modal
+    if images is None:
+        return TokensPrompt(prompt_token_ids=request.prompt_token_ids)
+    prompt = TokensPrompt(prompt_token_ids=images.placeholder_ids, multi_modal_data={'image': list(images.images)})
+    if images.processor_kwargs:
+        prompt['mm_processor_kwargs'] = dict(images.processor_kwargs)
+    return prompt
+
+
+def _check_expanded(request: EngineRequest, prompt_token_ids: Optional[list[int]]) -> None:
+    """vLLM's expansion of the images must be the prompt the sampler reports (and a trainer re-reads).
+
+    Raises:
+        InvalidInputError: vLLM's processor expanded the images into other tokens than the model's processor.
+    """
+    if request.multi_modal is None or prompt_token_ids is None or prompt_token_ids == request.prompt_token_ids:
+        return
+    raise InvalidInputError(f'vllm expanded the images into a {len(prompt_token_ids)}-token prompt, the model\'s '
+                            f'processor into {len(request.prompt_token_ids)} tokens (other mm_processor_kwargs?)')
 
 
 @contextlib.contextmanager

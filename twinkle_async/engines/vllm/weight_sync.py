@@ -81,9 +81,11 @@ class WeightSync:
         await self._rpc('twinkle_commit')
 
     async def commit(self, apply: Callable[[], Awaitable[None]], version: int) -> None:
-        """``apply()``, then drop every cache computed with the old weights and label new tokens ``version``."""
+        """``apply()``, then drop every cache computed with the old weights (the KV of prompts, running requests' too,
+        and the vision encoder's outputs) and label new tokens ``version``."""
         await apply()
         await self.llm.reset_prefix_cache(reset_running_requests=True)
+        await self.llm.reset_encoder_cache()
         await self.llm.update_weight_version(str(version))
         self.version = version
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Mapping, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -45,7 +45,9 @@ class NativeForward:
         self.kernel = decode_attention_kernel() if model.embed_tokens.weight.device.type == 'cpu' else None
 
     def packed(self, input_ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, bounds: list[int],
-               keep: torch.Tensor, adapter: str) -> torch.Tensor:
+               keep: torch.Tensor, adapter: str, pixels: Optional[Mapping[str, torch.Tensor]] = None) -> torch.Tensor:
+        if pixels is not None:
+            raise ValueError('the native runner serves text-only models: it takes no images')
         where = self.cache.locate(slots, positions)
 
         def attention(layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
