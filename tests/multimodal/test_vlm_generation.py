@@ -103,3 +103,18 @@ async def test_a_continuation_feature_is_sampled_token_for_token(vlm_sampler, hf
         out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **inputs, max_new_tokens=8,
                              do_sample=False)
     assert second.sequences[0].tokens == out[0, ids.shape[1]:].tolist()
+
+
+async def test_mm_processor_kwargs_reach_the_processor(vlm_sampler, hf_vlm):
+    """Twinkle's per-input ``mm_processor_kwargs``: here image splitting into 64-px tiles (4 tiles and the whole
+    image), expanded alike by the sampler's processor and the engine's, as HF ``generate`` does."""
+    image, kwargs = picture(12, (100, 150)), {'size': {'longest_edge': 128}, 'do_image_splitting': True}
+    response = await within(vlm_sampler.sample({**described(image), 'mm_processor_kwargs': kwargs}, GREEDY))
+    model, processor = hf_vlm
+    text = processor.apply_chat_template(hf_described(), add_generation_prompt=True, tokenize=False)
+    inputs = processor(text=text, images=[image], return_tensors='pt', add_special_tokens=False, **kwargs)
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=8, do_sample=False)
+    assert inputs['pixel_values'].shape[1] == 5 and image_token_count(vlm_sampler, response.prompt_token_ids) == 20
+    assert response.prompt_token_ids == inputs['input_ids'][0].tolist()
+    assert response.sequences[0].tokens == out[0, inputs['input_ids'].shape[1]:].tolist()

@@ -16,12 +16,7 @@ from twinkle_async.engines.torch.core import CoreConfig, EngineCore
 from twinkle_async.engines.torch.kv_cache import STAGING_SLOTS, SlotKVCache
 from twinkle_async.engines.torch.loader import load_model, model_max_len
 from twinkle_async.engines.torch.native.model import NativeCausalLM
-from twinkle_async.errors import (
-    EngineArgsError,
-    EngineDeadError,
-    InvalidRequestError,
-    NotSupportedError,
-)
+from twinkle_async.errors import EngineArgsError, EngineDeadError, InvalidRequestError, NotSupportedError
 from twinkle_async.multimodal.processing import (
     ImageProcessor,
     MultiModalPrompt,
