@@ -17,6 +17,7 @@ from twinkle_async.data_format import (
 from twinkle_async.infra import get_device_placement, get_logger, initialize
 from twinkle_async.mesh import DeviceGroup, DeviceMesh
 from twinkle_async.models import DEFAULT_MODEL, resolve_model
+from twinkle_async.ray.remote import remote_class, remote_function
 from twinkle_async.sampler import AsyncSampler, Sampler, TorchSampler, vLLMSampler
 from twinkle_async.template import Template
 
@@ -24,5 +25,5 @@ __version__ = '0.1.0'
 
 __all__ = ['errors', 'InputFeature', 'Message', 'SampledSequence', 'SampleResponse', 'SamplingParams', 'TokenDelta',
            'Trajectory', 'DeviceGroup', 'DeviceMesh', 'initialize', 'get_logger', 'get_device_placement',
-           'DEFAULT_MODEL', 'resolve_model', 'AsyncSampler', 'Sampler', 'TorchSampler', 'vLLMSampler', 'Template',
-           '__version__']
+           'DEFAULT_MODEL', 'resolve_model', 'remote_class', 'remote_function', 'AsyncSampler', 'Sampler',
+           'TorchSampler', 'vLLMSampler', 'Template', '__version__']

