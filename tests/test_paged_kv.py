@@ -16,7 +16,7 @@ from twinkle_async import AsyncSampler
 from twinkle_async.engines.torch.kv_cache import SlotKVCache
 from twinkle_async.errors import InvalidRequestError
 
-from conftest import hf_greedy, load_hf, within
+from conftest import counters_when, hf_greedy, load_hf, within
 
 BLOCK = 16
 PROMPT = [int(t) for t in torch.randint(10, 1000, (100,), generator=torch.Generator().manual_seed(7))]
@@ -140,7 +140,11 @@ async def test_requests_wait_for_blocks_and_one_that_can_never_fit_is_refused(ti
         assert sampler.engine.core.cache.pool.num_blocks == blocks
         seen = spy_pool(sampler)
         prompts = [{'input_ids': [t + i for t in PROMPT]} for i in range(6)]
-        responses = await within(asyncio.gather(*(sampler.sample(p, GREEDY) for p in prompts)))
+        await within(sampler.pause('abort'))  # all six wait, then reach the scheduler together
+        tasks = [asyncio.ensure_future(sampler.sample(p, GREEDY)) for p in prompts]
+        await within(counters_when(sampler, lambda stats: stats.waiting == 6))
+        await within(sampler.resume())
+        responses = await within(asyncio.gather(*tasks))
         assert responses[0].sequences[0].tokens == expected
         assert max(used for used, _ in seen) <= blocks
         assert max(len(chunks) for _, chunks in seen) == 3, 'three prompts admitted at once, the rest waited'

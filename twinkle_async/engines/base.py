@@ -123,8 +123,16 @@ class Engine(Protocol):
     async def remove_adapter(self, name: str) -> None:
         """Unload an adapter (the core has aborted the requests still using it)."""
 
-    async def update_weights(self, weights: NamedTensors, adapter_name: str, version: int) -> None:
-        """Replace base (``BASE_MODEL``) or ``adapter_name``'s weights in place, all or nothing, and set ``version``."""
+    async def stage_weights(self, weights: NamedTensors, adapter_name: str) -> None:
+        """Check every tensor of an update of base (``BASE_MODEL``) or ``adapter_name``'s weights and hold it ready;
+        what is served does not change. Replaces an update staged earlier. Raises ``WeightUpdateError`` (nothing
+        staged) on a bad tensor."""
+
+    async def commit_weights(self, version: int) -> None:
+        """Apply the staged update in place, all at once between two steps, and serve it as ``version``."""
+
+    async def discard_weights(self) -> None:
+        """Forget the staged update (a no-op without one)."""
 
     async def pause(self, mode: PauseMode) -> None:
         """Hold new requests; 'abort' ends, 'keep' freezes, 'wait' drains the ones in flight."""

@@ -6,6 +6,7 @@ import asyncio
 import os
 from typing import Any, AsyncIterator, Mapping, Optional
 
+from twinkle_async.adapters import BASE_MODEL
 from twinkle_async.data_format.outputs import TokenDelta
 from twinkle_async.engines.base import EngineStats
 from twinkle_async.sampler.async_sampler import AsyncSampler
@@ -65,6 +66,16 @@ class SamplerActor:
 
     async def update_weights(self, weights: Mapping[str, Any], adapter_name: Optional[str], version: int) -> int:
         return await self.sampler.update_weights(weights, adapter_name=adapter_name, version=version)
+
+    # the two phases of an update across replicas (the remote sampler orders them)
+    async def stage_weights(self, weights: Mapping[str, Any], adapter_name: Optional[str]) -> None:
+        await self.sampler.engine.stage_weights(weights, adapter_name or BASE_MODEL)
+
+    async def commit_weights(self, version: int) -> None:
+        await self.sampler.engine.commit_weights(version)
+
+    async def discard_weights(self) -> None:
+        await self.sampler.engine.discard_weights()
 
     async def pause(self, mode: str) -> None:
         await self.sampler.pause(mode)  # type: ignore[arg-type]

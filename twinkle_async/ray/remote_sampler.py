@@ -170,15 +170,19 @@ class RemoteSampler(AsyncSampler):
     async def update_weights(self, weights: NamedTensors, *, adapter_name: Optional[str] = None,
                              version: Optional[int] = None) -> int:
         """See :meth:`AsyncSampler.update_weights`: the tensors go to the object store once, then to every
-        replica, which all end on the same version."""
+        replica as one transaction (``ReplicaSet.update``): all end on the new version, or all stay on the old.
+
+        Raises:
+            WeightUpdateError: a replica could not stage the update (named); every replica still serves the
+                previous version."""
         import ray
 
         async with self._model_lock:
             self._check_adapter(adapter_name or BASE_MODEL)
             new_version = next_version(self._version, version)
             tensors = await asyncio.to_thread(_materialize, weights)
-            await self._apply(Op('update_weights', (ray.put(tensors), adapter_name, new_version),
-                                 adapter=adapter_name, names=frozenset(tensors)))
+            await self.replicas.update(Op('update_weights', (ray.put(tensors), adapter_name, new_version),
+                                          adapter=adapter_name, names=frozenset(tensors)), new_version)
             self._version = new_version
             return new_version
 

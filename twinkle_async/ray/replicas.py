@@ -11,7 +11,7 @@ import asyncio
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from twinkle_async.errors import EngineError, ReplicaDiedError, TwinkleAsyncError
+from twinkle_async.errors import EngineError, ReplicaDiedError, TwinkleAsyncError, WeightUpdateError
 from twinkle_async.mesh import DeviceMesh
 from twinkle_async.ray.actor import SamplerActor
 from twinkle_async.ray.cluster import ReservedGroup
@@ -88,6 +88,33 @@ class ReplicaSet:
         errors = [o for o in outcomes if isinstance(o, BaseException) and not isinstance(o, ReplicaDiedError)]
         if errors:
             raise errors[0]
+
+    async def update(self, op: Op, version: int) -> None:
+        """A weight update (``op``: ``update_weights(tensors, adapter, version)``) as one transaction: staged on every
+        live replica, then committed on all, or discarded on all when any replica fails to stage (or dies then).
+        ``op`` joins the log before the commits, so a replica whose commit fails is restarted (out of routing until
+        then) and replays the log up to ``version``.
+
+        Raises:
+            WeightUpdateError: a replica could not stage the update; no replica changed.
+        """
+        live = [i for i in range(len(self.actors)) if self.router.alive[i]]
+        tensors, adapter = op.args[0], op.args[1]
+        staged = await asyncio.gather(*(self.call(i, 'stage_weights', tensors, adapter) for i in live),
+                                      return_exceptions=True)
+        failed = [(i, outcome) for i, outcome in zip(live, staged) if isinstance(outcome, BaseException)]
+        if failed:
+            await asyncio.gather(*(self.call(i, 'discard_weights') for i in live if self.router.alive[i]),
+                                 return_exceptions=True)
+            index, error = failed[0]
+            raise WeightUpdateError(f'replica {index} could not stage the update ({error}); it was discarded on '
+                                    'every replica: all still serve the previous version') from error
+        self.record(op)
+        committed = await asyncio.gather(*(self.call(i, 'commit_weights', version) for i in live),
+                                         return_exceptions=True)
+        for index, outcome in zip(live, committed):
+            if isinstance(outcome, BaseException) and not isinstance(outcome, ReplicaDiedError):
+                self.died(index, outcome)  # restarted: it replays the log to ``version`` before serving again
 
     async def route(self, work: int, session_id: Optional[str] = None) -> int:
         """A live replica for ``work`` samples (waiting for a restart when every replica is down)."""

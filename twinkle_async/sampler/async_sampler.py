@@ -287,7 +287,7 @@ class AsyncSampler:
         async with self._model_lock:
             self._check_adapter(adapter_name or BASE_MODEL)
             new_version = next_version(self.engine.weight_version, version)
-            await self.engine.update_weights(weights, adapter_name or BASE_MODEL, new_version)
+            await apply_update(self.engine, weights, adapter_name or BASE_MODEL, new_version)
             return new_version
 
     # -- pausing --
@@ -392,6 +392,12 @@ class AsyncSampler:
             feature = self.template.pixel_features(feature, images)
         resolved = resolve_params(params, len(prompt), engine.max_model_len, engine.vocab_size, engine.max_logprobs)
         return feature, EngineRequest(uuid.uuid4().hex, prompt, resolved, adapter_name, images)
+
+
+async def apply_update(engine: Engine, weights: NamedTensors, adapter_name: str, version: int) -> None:
+    """Stage then commit an update on ``engine`` (a failed stage leaves nothing staged)."""
+    await engine.stage_weights(weights, adapter_name)
+    await engine.commit_weights(version)
 
 
 def streamable(params: Any) -> Any:

@@ -16,7 +16,13 @@ from twinkle_async.engines.torch.core import CoreConfig, EngineCore
 from twinkle_async.engines.torch.kv_cache import STAGING_SLOTS, SlotKVCache
 from twinkle_async.engines.torch.loader import load_model, model_max_len
 from twinkle_async.engines.torch.native.model import NativeCausalLM
-from twinkle_async.errors import EngineArgsError, EngineDeadError, InvalidRequestError, NotSupportedError
+from twinkle_async.errors import (
+    EngineArgsError,
+    EngineDeadError,
+    InvalidRequestError,
+    NotSupportedError,
+    WeightUpdateError,
+)
 from twinkle_async.multimodal.processing import (
     ImageProcessor,
     MultiModalPrompt,
@@ -58,6 +64,7 @@ class TorchEngine:
         self.core = EngineCore(model, tokenizer, config, self._emit_threadsafe, self._fail_threadsafe)
         self.weights = self.core.parts.weights
         self._weight_version = 0
+        self._staged: Optional[Callable[[], None]] = None  # applies the update stage_weights checked
         self._sleep_level = 0
         self._replies: set[asyncio.Future[Any]] = set()  # answers awaited from the thread
         self._thread = threading.Thread(target=self.core.run, name=THREAD_NAME, daemon=True)
@@ -150,21 +157,35 @@ class TorchEngine:
         """Unload ``name``."""
         await self._call(lambda: self.core.change_adapters(lambda: self.core.lora.remove(name)))
 
-    async def update_weights(self, weights: NamedTensors, adapter_name: str, version: int) -> None:
-        """Check and stage every tensor (off the loop), then copy them in between two steps, all at once.
+    async def stage_weights(self, weights: NamedTensors, adapter_name: str) -> None:
+        """Check and copy every tensor (off the loop), ready to be applied.
 
         Raises:
-            WeightUpdateError: a bad name, shape or dtype, or ``weights`` raised; nothing was applied.
+            WeightUpdateError: a bad name, shape or dtype, or ``weights`` raised; nothing was staged.
             AdapterNotFoundError: ``adapter_name`` is not loaded.
         """
+        self._staged = None
         if adapter_name:
             staged = await stage_update(lambda: self.core.lora.stage(adapter_name, weights))
-            apply: Callable[[], None] = lambda: self.core.lora.load(adapter_name, staged)  # noqa: E731
+            self._staged = lambda: self.core.lora.load(adapter_name, staged)
         else:
-            staged = await stage_update(lambda: self.weights.stage(weights))
-            apply = lambda: self.weights.apply(staged)  # noqa: E731
+            checked = await stage_update(lambda: self.weights.stage(weights))
+            self._staged = lambda: self.weights.apply(checked)
+
+    async def commit_weights(self, version: int) -> None:
+        """Copy the staged tensors in between two steps, all at once; running samples' KV is recomputed.
+
+        Raises:
+            WeightUpdateError: nothing is staged.
+        """
+        apply, self._staged = self._staged, None
+        if apply is None:
+            raise WeightUpdateError('no weight update is staged: stage_weights() first')
         await self._call(lambda: self.core.set_weights(apply, version))
         self._weight_version = version
+
+    async def discard_weights(self) -> None:
+        self._staged = None
 
     async def pause(self, mode: PauseMode) -> None:
         """See :meth:`EngineCore.pause`; returns once the pause took effect ('wait': once drained)."""

@@ -7,7 +7,7 @@ import contextlib
 import dataclasses
 import os
 from pathlib import Path
-from typing import Any, AsyncGenerator, AsyncIterator, Awaitable, Iterator, Mapping, Optional, TypeVar
+from typing import Any, AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterator, Mapping, Optional, TypeVar
 
 from twinkle_async.adapters import AdapterSpec, check_fits
 from twinkle_async.engines.base import CacheKind, EngineOutput, EngineRequest, EngineStats, PauseMode
@@ -27,6 +27,7 @@ from twinkle_async.errors import (
     InvalidInputError,
     InvalidRequestError,
     TwinkleAsyncError,
+    WeightUpdateError,
 )
 from twinkle_async.models import require_safetensors
 from twinkle_async.multimodal.processing import check_image_limit
@@ -56,6 +57,7 @@ class VLLMEngine:
         self.weight_sync = WeightSync(llm, model_dir)
         self.sleep_mode = SleepMode(llm, bool(getattr(model_config, 'enable_sleep_mode', False)))
         self._user_paused = False
+        self._staged: Optional[_Staged] = None
         self._held: set[str] = set()  # requests added while the user paused generation: vLLM queues them
         self._aborted = 0
         self._closed = False
@@ -190,29 +192,51 @@ class VLLMEngine:
         self._check_alive()
         await self._unless_dead(self.loras.remove(name))
 
-    async def update_weights(self, weights: NamedTensors, adapter_name: str, version: int) -> None:
-        """Stage in buckets, then apply with generation paused ('keep'): requests in flight are recomputed
-        on the new weights and go on.
+    async def stage_weights(self, weights: NamedTensors, adapter_name: str) -> None:
+        """Check every tensor; base weights go to the workers in buckets, an adapter's stay here.
 
         Raises:
-            WeightUpdateError: bad name, shape or dtype, or ``weights`` raised; nothing was applied.
-            EngineDeadError: the engine core died (before or during the update).
+            WeightUpdateError: bad name, shape or dtype, or ``weights`` raised; nothing was staged.
+            EngineDeadError: the engine core died.
         """
         self._check_alive()
-        await self._unless_dead(self._update_weights(weights, adapter_name, version))
+        await self._unless_dead(self._stage(weights, adapter_name))
 
-    async def _update_weights(self, weights: NamedTensors, adapter_name: str, version: int) -> None:
+    async def _stage(self, weights: NamedTensors, adapter_name: str) -> None:
+        self._staged = None
         if adapter_name:
             staged = await self.loras.stage(adapter_name, weights)
-            apply = lambda: self.loras.apply(adapter_name, staged)  # noqa: E731
+            self._staged = _Staged(lambda: self.loras.apply(adapter_name, staged), base=False)
         else:
             await self.weight_sync.stage(weights)
-            apply = self.weight_sync.apply
+            self._staged = _Staged(self.weight_sync.apply, base=True)
+
+    async def commit_weights(self, version: int) -> None:
+        """Apply the staged update with generation paused ('keep'): requests in flight are recomputed on the new
+        weights and go on.
+
+        Raises:
+            WeightUpdateError: nothing is staged, or the workers failed to load it (they keep the old weights).
+            EngineDeadError: the engine core died.
+        """
+        self._check_alive()
+        staged, self._staged = self._staged, None
+        if staged is None:
+            raise WeightUpdateError('no weight update is staged: stage_weights() first')
+        await self._unless_dead(self._commit(staged, version))
+
+    async def _commit(self, staged: _Staged, version: int) -> None:
         await self.sleep_mode.wake_weights()  # asleep: the weights' memory back first, the KV cache stays asleep
         async with self._paused_for_update():
-            await self.weight_sync.commit(apply, version)
-        if not adapter_name:
+            await self.weight_sync.commit(staged.apply, version)
+        if staged.base:
             self.sleep_mode.weights_loaded()
+
+    async def discard_weights(self) -> None:
+        """Forget the staged update (the workers drop staged base weights)."""
+        staged, self._staged = self._staged, None
+        if staged is not None and staged.base and not self.is_dead:
+            await self._unless_dead(self.weight_sync.discard())
 
     async def pause(self, mode: PauseMode) -> None:
         self._check_alive()
@@ -322,6 +346,14 @@ class VLLMEngine:
         if isinstance(exc, (ValueError, VLLMClientError)):
             return InvalidRequestError(f'vllm rejected the request: {exc}')
         return exc
+
+
+@dataclasses.dataclass(frozen=True)
+class _Staged:
+    """A staged update: ``apply`` loads it (generation paused); ``base``: the base model's weights."""
+
+    apply: Callable[[], Awaitable[None]]
+    base: bool
 
 
 def _vllm_prompt(request: EngineRequest) -> Any:

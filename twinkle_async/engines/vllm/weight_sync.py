@@ -76,6 +76,10 @@ class WeightSync:
         finally:
             shutil.rmtree(directory, ignore_errors=True)
 
+    async def discard(self) -> None:
+        """The workers forget the staged weights."""
+        await self._rpc('twinkle_discard')
+
     async def apply(self) -> None:
         """Reload the model with the staged weights (the workers restore the old ones if that fails)."""
         await self._rpc('twinkle_commit')
