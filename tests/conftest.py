@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 from pathlib import Path
-from typing import AsyncIterator
+from typing import AsyncIterator, Iterator
 
 import pytest
 import pytest_asyncio
@@ -30,6 +31,21 @@ def ray_environment():
             if key not in os.environ:
                 patch.setenv(key, value)
         yield
+
+
+@contextlib.contextmanager
+def local_ray_cluster(group: str, object_store_mib: int = 256) -> Iterator[None]:
+    """A local Ray cluster of 2 CPUs holding one 2-worker CPU group named ``group``, shut down after."""
+    import ray
+
+    from twinkle_async import DeviceGroup, initialize
+    initialize('ray', groups=[DeviceGroup(name=group, ranks=2, device_type='cpu')], num_cpus=2,
+               object_store_memory=object_store_mib * 2**20)
+    try:
+        yield
+    finally:
+        initialize('local')
+        ray.shutdown()
 
 
 @pytest.fixture(scope='session')

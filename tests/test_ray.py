@@ -10,7 +10,7 @@ import pytest
 from twinkle_async import DeviceGroup, DeviceMesh, SamplingParams, TorchSampler, initialize, vLLMSampler
 from twinkle_async.errors import ConfigurationError, ReplicaDiedError
 
-from conftest import ENGINES, chat, hf_greedy, load_hf, within
+from conftest import ENGINES, chat, hf_greedy, load_hf, local_ray_cluster, within
 
 pytestmark = pytest.mark.slow
 
@@ -19,12 +19,8 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope='module')
 def ray_cluster(ray_environment):
     """A local Ray cluster with the seed's group: 2 CPU ranks named 'sampler'."""
-    import ray
-    initialize('ray', groups=[DeviceGroup(name='sampler', ranks=2, device_type='cpu')], num_cpus=2,
-               object_store_memory=256 * 2**20)
-    yield
-    initialize('local')
-    ray.shutdown()
+    with local_ray_cluster('sampler'):
+        yield
 
 
 @pytest.fixture(scope='module', params=ENGINES)

@@ -10,9 +10,11 @@ from typing import Optional
 import pytest
 import torch
 
-from twinkle_async import DeviceGroup, DeviceMesh, initialize, remote_class, remote_function
+from twinkle_async import DeviceMesh, remote_class, remote_function
 from twinkle_async.errors import ConfigurationError, InvalidRequestError, NotSupportedError
 from twinkle_async.ray.dispatch import collect_results, dispatch_args
+
+from conftest import local_ray_cluster
 
 
 @remote_class()
@@ -52,11 +54,8 @@ def cluster(ray_environment):
     imports it under a name they cannot import)."""
     import ray
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
-    initialize('ray', groups=[DeviceGroup(name='rewards', ranks=2, device_type='cpu')], num_cpus=2,
-               object_store_memory=128 * 2**20)
-    yield
-    initialize('local')
-    ray.shutdown()
+    with local_ray_cluster('rewards', object_store_mib=128):
+        yield
 
 
 def test_a_user_class_runs_as_two_actors_of_a_group(cluster):

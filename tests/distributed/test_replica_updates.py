@@ -11,10 +11,10 @@ import pytest
 import pytest_asyncio
 from safetensors.torch import load_file
 
-from twinkle_async import AsyncSampler, DeviceGroup, DeviceMesh, initialize
+from twinkle_async import AsyncSampler, DeviceMesh
 from twinkle_async.errors import WeightUpdateError
 
-from conftest import hf_greedy, load_hf, within
+from conftest import hf_greedy, load_hf, local_ray_cluster, within
 
 PROMPT = {'input_ids': [5, 6, 7]}
 GREEDY = {'max_tokens': 6, 'temperature': 0, 'ignore_eos': True}
@@ -22,12 +22,8 @@ GREEDY = {'max_tokens': 6, 'temperature': 0, 'ignore_eos': True}
 
 @pytest.fixture(scope='module')
 def cluster(ray_environment):
-    import ray
-    initialize('ray', groups=[DeviceGroup(name='sampler', ranks=2, device_type='cpu')], num_cpus=2,
-               object_store_memory=256 * 2**20)
-    yield
-    initialize('local')
-    ray.shutdown()
+    with local_ray_cluster('sampler'):
+        yield
 
 
 @pytest_asyncio.fixture(scope='module', loop_scope='session')

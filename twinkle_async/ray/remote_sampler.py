@@ -22,6 +22,7 @@ from twinkle_async.errors import (
 )
 from twinkle_async.mesh import DeviceMesh, with_tensor_parallel
 from twinkle_async.models import DEFAULT_MODEL, resolve_model
+from twinkle_async.multimodal.processing import load_image_processor
 from twinkle_async.ray.cluster import reserved_group
 from twinkle_async.ray.replicas import Op, ReplicaSet, ReplicaStatus
 from twinkle_async.sampler.async_sampler import AsyncSampler, InputLike, check_pause_mode, streamable
@@ -64,12 +65,16 @@ class RemoteSampler(AsyncSampler):
             self.model_dir = await asyncio.to_thread(resolve_model, self.model_id)
             trust = bool(self.engine_args.get('trust_remote_code', False))
             self._local_tokenizer = await asyncio.to_thread(_load_tokenizer, self.model_dir, trust)
-            self._template = build_template(self._template_spec or 'default', self._local_tokenizer)
+            self._images = await asyncio.to_thread(load_image_processor, self.model_dir, trust)
+            self._template = build_template(self._template_spec or 'default', self._text_or_images())
         await self.replicas.start()
 
     async def close(self) -> None:
         """Close every replica's engine and end its actor."""
         await self.replicas.close()
+
+    def _text_or_images(self) -> Any:
+        return self._images or self._local_tokenizer
 
     @property
     def engine(self) -> Any:
@@ -87,7 +92,7 @@ class RemoteSampler(AsyncSampler):
         restarted ones), taking effect before later requests."""
         model_id = kwargs.pop('model_id', None)
         self._check_template_model(model_id)
-        self._template = build_template(template, self.template.tokenizer, **kwargs)
+        self._template = build_template(template, self._text_or_images(), **kwargs)
         op = Op('set_template', (template, kwargs))
         self.replicas.record(op)
         for actor in self.replicas.actors:
