@@ -13,10 +13,12 @@ from typing import Any, Mapping, Optional, Sequence
 
 from twinkle_async.errors import InvalidImageError, InvalidInputError
 
-__all__ = ['MultiModalPrompt', 'ImageProcessor', 'load_image_processor', 'check_image_limit', 'PIXEL_KEYS_EXCLUDED']
+__all__ = ['MultiModalPrompt', 'ImageProcessor', 'load_image_processor', 'check_image_limit', 'PIXEL_KEYS_EXCLUDED',
+           'TEXT_ONLY']
 
 PIXEL_KEYS_EXCLUDED = ('input_ids', 'attention_mask', 'token_type_ids')
 """Keys of a processor's output that are about the text, not the images."""
+TEXT_ONLY = 'this model is text-only (it has no image processor): it cannot take images'
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,7 +119,7 @@ def check_image_limit(prompt: MultiModalPrompt, limit: Optional[int]) -> None:
         InvalidImageError: the model is text-only, or the prompt has more images than the limit.
     """
     if limit == 0:
-        raise InvalidImageError('this model is text-only (it has no image processor): it cannot take images')
+        raise InvalidImageError(TEXT_ONLY)
     if limit is not None and len(prompt.images) > limit:
         raise InvalidImageError(f"the prompt has {len(prompt.images)} images, over this engine's "
                                 f"limit_mm_per_prompt={{'image': {limit}}}")

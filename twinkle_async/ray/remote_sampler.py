@@ -187,7 +187,7 @@ class RemoteSampler(AsyncSampler):
             new_version = next_version(self._version, version)
             tensors = await asyncio.to_thread(_materialize, weights)
             await self.replicas.update(Op('update_weights', (ray.put(tensors), adapter_name, new_version),
-                                          adapter=adapter_name, names=frozenset(tensors)), new_version)
+                                          adapter=adapter_name, names=frozenset(tensors)))
             self._version = new_version
             return new_version
 

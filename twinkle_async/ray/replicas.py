@@ -89,7 +89,7 @@ class ReplicaSet:
         if errors:
             raise errors[0]
 
-    async def update(self, op: Op, version: int) -> None:
+    async def update(self, op: Op) -> None:
         """A weight update (``op``: ``update_weights(tensors, adapter, version)``) as one transaction: staged on every
         live replica, then committed on all, or discarded on all when any replica fails to stage (or dies then).
         ``op`` joins the log before the commits, so a replica whose commit fails is restarted (out of routing until
@@ -99,7 +99,7 @@ class ReplicaSet:
             WeightUpdateError: a replica could not stage the update; no replica changed.
         """
         live = [i for i in range(len(self.actors)) if self.router.alive[i]]
-        tensors, adapter = op.args[0], op.args[1]
+        tensors, adapter, version = op.args
         staged = await asyncio.gather(*(self.call(i, 'stage_weights', tensors, adapter) for i in live),
                                       return_exceptions=True)
         failed = [(i, outcome) for i, outcome in zip(live, staged) if isinstance(outcome, BaseException)]

@@ -388,7 +388,7 @@ class AsyncSampler:
         if feature is None:
             return None, None
         images = self.template.multimodal_prompt(feature, prompt)
-        if images is not None:
+        if images is not None and 'input_ids' in item:  # an encoded trajectory has its pixel tensors already
             feature = self.template.pixel_features(feature, images)
         resolved = resolve_params(params, len(prompt), engine.max_model_len, engine.vocab_size, engine.max_logprobs)
         return feature, EngineRequest(uuid.uuid4().hex, prompt, resolved, adapter_name, images)

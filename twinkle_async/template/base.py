@@ -15,7 +15,7 @@ from twinkle_async.data_format.inputs import InputFeature
 from twinkle_async.errors import InvalidImageError, InvalidInputError, PromptTooLongError
 from twinkle_async.multimodal.images import load_image
 from twinkle_async.multimodal.messages import gather_images
-from twinkle_async.multimodal.processing import ImageProcessor, MultiModalPrompt, load_image_processor
+from twinkle_async.multimodal.processing import TEXT_ONLY, ImageProcessor, MultiModalPrompt, load_image_processor
 from twinkle_async.template.detokenizer import IncrementalDetokenizer
 from twinkle_async.template.features import (
     IGNORE,
@@ -223,7 +223,7 @@ class Template:
 
     def _checked_images(self) -> ImageProcessor:
         if self.images is None:
-            raise InvalidImageError('this model is text-only (it has no image processor): it cannot take images')
+            raise InvalidImageError(TEXT_ONLY)
         return self.images
 
     @staticmethod

@@ -59,7 +59,7 @@ class WeightSync:
         Raises:
             WeightUpdateError: a bad tensor or a failing source; the workers forget what was staged.
         """
-        await self._rpc('twinkle_discard')
+        await self.discard()
         checked = conformed(weights, self.specs)
         chunks = buckets(((n, t) for n, t in checked if not (n == _LM_HEAD and self._tied_lm_head)), self.bucket_bytes)
         directory = Path(tempfile.mkdtemp(prefix='twinkle-async-weights-', dir=_SHARED_MEMORY))
@@ -71,7 +71,7 @@ class WeightSync:
                 await self._rpc('twinkle_stage', str(path))
                 path.unlink()
         except BaseException:
-            await self._rpc('twinkle_discard')
+            await self.discard()
             raise
         finally:
             shutil.rmtree(directory, ignore_errors=True)
