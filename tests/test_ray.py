@@ -34,12 +34,12 @@ def remote(request, ray_cluster, tiny_model_dir):
 
 
 def status(sampler):
-    return sampler._portal.call(sampler.async_sampler.replica_status)
+    return sampler._portal.call(sampler.async_sampler.engine.replica_status)
 
 
 async def replicas_when(remote, condition):
     """The replicas' statuses once ``condition`` holds for them (polled)."""
-    while not condition(statuses := await remote.async_sampler.replica_status()):
+    while not condition(statuses := await remote.async_sampler.engine.replica_status()):
         await asyncio.sleep(0.01)
     return statuses
 
@@ -61,7 +61,7 @@ def test_remote_sampling_has_the_local_structure_and_uses_both_replicas(remote, 
         assert response.sequences[0].tokens == hf_greedy(model, response.prompt_token_ids, 8)
     statuses = status(remote)
     assert len(statuses) == 2 and all(s.served > 0 for s in statuses)
-    assert sum(s.served for s in statuses) == served_before + 2  # one call per replica for the whole list
+    assert sum(s.served for s in statuses) == served_before + 6  # one request per item
     deltas = list(remote.stream(chat('x = '), {'max_tokens': 12, 'temperature': 0, 'ignore_eos': True}))
     assert sum(len(d.token_ids) for d in deltas) == 12 and deltas[-1].finish_reason == 'length'
 
@@ -105,13 +105,13 @@ def test_a_killed_replica_fails_or_retries_and_comes_back_with_the_current_weigh
     if 'a' not in remote.list_adapters():
         remote.add_adapter_to_model('a', str(lora_dirs['a']))
     version = remote.update_weights(load_file(str(tiny_model_dir / 'model.safetensors')))
-    sampler.retry = retry
+    sampler.engine.retry = retry
 
     async def batch_with_a_kill():
         batch = asyncio.create_task(sampler.sample([{'input_ids': [5, i]} for i in range(8)],
                                                    {'max_tokens': 300, 'ignore_eos': True}))
         await within(replicas_when(remote, lambda statuses: min(s.running for s in statuses) > 0))
-        ray.kill(sampler.replicas.actors[0])
+        ray.kill(sampler.engine.replicas.actors[0])
         return await within(batch, 180)
 
     if retry:

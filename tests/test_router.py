@@ -9,7 +9,7 @@ from twinkle_async.ray.router import Router
 
 def test_work_goes_to_the_least_loaded_replica_and_a_list_is_spread():
     router = Router(3)
-    assert [router.pick(work) for work in (2, 2, 2, 1)] == [0, 1, 2, 0]  # RemoteSampler spreads a list so
+    assert [router.pick(work) for work in (2, 2, 2, 1)] == [0, 1, 2, 0]  # a list is spread item by item so
     assert router.outstanding == [3, 2, 2]
     router.done(0, 3)
     assert router.pick(1) == 0

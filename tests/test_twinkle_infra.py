@@ -15,7 +15,7 @@ from twinkle_async.engines.torch.args import parse_engine_args
 from twinkle_async.errors import ConfigurationError, EngineArgsError, NotSupportedError
 from twinkle_async.mesh import with_tensor_parallel
 from twinkle_async.ray.cluster import actor_resources, bundle_for
-from twinkle_async.ray.remote_sampler import replica_tp_size
+from twinkle_async.ray.replica_engine import replica_tp_size
 
 
 @pytest.mark.parametrize('kwargs,dp,tp', [

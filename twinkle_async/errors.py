@@ -110,4 +110,9 @@ class EngineDeadError(EngineError):
 
 
 class ReplicaDiedError(EngineError):
-    """A Ray replica died while serving this request; the other replicas keep serving and it is restarted."""
+    """A Ray replica died while serving this request; the other replicas keep serving and it is restarted.
+
+    ``resendable``: the sampler was built with ``retry=True`` and the request can be sampled again from the start
+    (``sample`` does so; a stream cannot, its first tokens were already yielded)."""
+
+    resendable: bool = False

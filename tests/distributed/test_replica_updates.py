@@ -37,21 +37,21 @@ async def remote(cluster, tiny_model_dir):
 
 async def on_both_replicas(remote) -> list[list[int]]:
     """Greedy tokens of the prompt from each replica (a list of two is split over them)."""
-    served = [s.served for s in await remote.replica_status()]
+    served = [s.served for s in await remote.engine.replica_status()]
     responses = await within(remote.sample([PROMPT, PROMPT], GREEDY))
-    assert [s.served for s in await remote.replica_status()] == [n + 1 for n in served]
+    assert [s.served for s in await remote.engine.replica_status()] == [n + 1 for n in served]
     return [r.sequences[0].tokens for r in responses]
 
 
 async def both_alive(remote) -> list:
-    while len(statuses := await remote.replica_status()) < 2:
+    while len(statuses := await remote.engine.replica_status()) < 2:
         await asyncio.sleep(0.05)
     return statuses
 
 
 def inject(monkeypatch, remote, index: int, method: str, fault) -> None:
     """Run ``fault(actor)`` before the driver's call of ``method`` on replica ``index``."""
-    replicas = remote.replicas
+    replicas = remote.engine.replicas
     real = replicas.call
 
     async def call(i: int, name: str, *args):
@@ -76,10 +76,10 @@ async def test_a_replica_that_cannot_stage_leaves_both_on_the_old_weights(remote
         await within(remote.update_weights(load_file(str(tiny_model_b_dir / 'model.safetensors'))))
     monkeypatch.undo()
     assert remote.weight_version == old
-    assert [s.weight_version for s in await remote.replica_status()] == [old, old]
+    assert [s.weight_version for s in await remote.engine.replica_status()] == [old, old]
     assert await on_both_replicas(remote) == [expected, expected]
     with pytest.raises(WeightUpdateError, match='no weight update is staged'):  # replica 0's staged copy was dropped
-        await within(remote.replicas.call(0, 'commit_weights', old + 1))
+        await within(remote.engine.replicas.call(0, 'commit_weights', old + 1))
 
 
 async def test_a_replica_killed_during_the_commit_comes_back_on_the_committed_version(remote, monkeypatch,

@@ -34,7 +34,7 @@ async def test_both_replicas_sample_images_as_hf_generate(remote_vlm, hf_vlm):
     feature = remote_vlm.template.encode(described(image))
     assert 'pixel_values' in feature and len(feature['images']) == 1  # rendered in the driver with the processor
     responses = await within(remote_vlm.sample([described(image), described(image)], GREEDY))
-    assert sorted(s.served for s in await remote_vlm.replica_status()) == [1, 1]
+    assert sorted(s.served for s in await remote_vlm.engine.replica_status()) == [1, 1]
     prompt, tokens, _ = reference(hf_vlm, hf_described(), [image])
     assert [r.prompt_token_ids for r in responses] == [prompt, prompt]
     assert [r.sequences[0].tokens for r in responses] == [tokens, tokens]

@@ -14,7 +14,7 @@ from twinkle_async.multimodal.processing import MultiModalPrompt
 from twinkle_async.weights import NamedTensors
 
 __all__ = ['RequestParams', 'EngineRequest', 'EngineOutput', 'EngineStats', 'Engine', 'PauseMode', 'PAUSE_MODES',
-           'CacheKind', 'CACHE_KINDS', 'LogprobsMode']
+           'CacheKind', 'CACHE_KINDS', 'LogprobsMode', 'apply_update']
 
 PauseMode = Literal['abort', 'keep', 'wait']
 PAUSE_MODES: tuple[str, ...] = ('abort', 'keep', 'wait')
@@ -37,13 +37,15 @@ class RequestParams(SamplingParams):
 @dataclass(frozen=True, slots=True)
 class EngineRequest:
     """One validated prompt to sample ``params.num_samples`` completions from; ``multi_modal`` holds its images
-    (``prompt_token_ids`` has their tokens expanded, as the model's processor does)."""
+    (``prompt_token_ids`` has their tokens expanded, as the model's processor does). ``session_id`` names the
+    conversation it belongs to: an engine of several replicas keeps a session on one (prefix-cache reuse)."""
 
     request_id: str
     prompt_token_ids: list[int]
     params: RequestParams
     adapter_name: str = BASE_MODEL
     multi_modal: Optional[MultiModalPrompt] = None
+    session_id: Optional[str] = None
 
 
 @dataclass(slots=True)
@@ -151,3 +153,9 @@ class Engine(Protocol):
 
     async def close(self) -> None:
         """Stop the engine and release its resources; pending requests fail."""
+
+
+async def apply_update(engine: Engine, weights: NamedTensors, adapter_name: str, version: int) -> None:
+    """Stage then commit an update on ``engine`` (a failed stage leaves nothing staged)."""
+    await engine.stage_weights(weights, adapter_name)
+    await engine.commit_weights(version)

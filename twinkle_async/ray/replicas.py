@@ -1,4 +1,4 @@
-"""``ReplicaSet``: the replica actors of one remote sampler — launch, call, route, and restart with replay.
+"""``ReplicaSet``: the replica actors of one :class:`ReplicaEngine` — launch, call, route, and restart with replay.
 
 Every change of model state that all replicas must share (adapters, weight updates) is kept in a log;
 a replica that dies is relaunched in its bundle, replays the log and the pause state, and only then is
@@ -8,13 +8,13 @@ routed to again.
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Optional
 
 from twinkle_async.errors import EngineError, ReplicaDiedError, TwinkleAsyncError, WeightUpdateError
 from twinkle_async.mesh import DeviceMesh
-from twinkle_async.ray.actor import SamplerActor
 from twinkle_async.ray.cluster import ReservedGroup
+from twinkle_async.ray.engine_actor import EngineActor, EngineInfo
 from twinkle_async.ray.router import Router
 
 __all__ = ['ReplicaSet', 'ReplicaStatus', 'Op']
@@ -37,16 +37,22 @@ class ReplicaStatus:
 
 @dataclass(frozen=True)
 class Op:
-    """A call every replica gets (``method(*args)`` on the actor); ``adapter``/``names`` say what it touches."""
+    """A call every replica gets (``method(*args)`` on the actor); ``adapter``/``names`` say what it touches;
+    ``seq`` orders recorded ops."""
 
     method: str
     args: tuple[Any, ...]
     adapter: Optional[str] = None
     names: frozenset[str] = frozenset()
+    seq: int = 0
 
 
 class ReplicaSet:
-    """``mesh.dp_size`` :class:`SamplerActor` replicas in ``group``, replica ``i`` in worker bundle ``i``."""
+    """``mesh.dp_size`` :class:`EngineActor` replicas in ``group``, replica ``i`` in worker bundle ``i``.
+
+    The set keeps a log of what changes a replica's model (adapters, committed weight updates) and the pause state;
+    a replica that died is restarted in its bundle and replays the log before it takes work again.
+    """
 
     def __init__(self, group: ReservedGroup, mesh: DeviceMesh, actor_args: tuple[Any, ...]) -> None:
         self.group, self.mesh, self.actor_args = group, mesh, actor_args
@@ -55,10 +61,16 @@ class ReplicaSet:
         self.log: list[Op] = []
         self.paused: Optional[str] = None
         self._restarts: dict[int, asyncio.Task[None]] = {}
+        self._staged_on: list[int] = []
+        self._seq = 0
 
-    async def start(self) -> None:
+    async def start(self) -> list[EngineInfo]:
+        """Start every replica (in parallel); what each one's engine reports."""
         if not self.actors:
-            self.actors = list(await asyncio.gather(*(self._launch(i) for i in range(self.mesh.dp_size))))
+            launched = await asyncio.gather(*(self._launch(i) for i in range(self.mesh.dp_size)))
+            self.actors = [actor for actor, _ in launched]
+            return [info for _, info in launched]
+        return []
 
     async def close(self) -> None:
         import ray
@@ -68,53 +80,66 @@ class ReplicaSet:
         actors, self.actors = self.actors, []
         await asyncio.gather(*(_close_actor(ray, actor) for actor in actors))
 
+    @property
+    def live(self) -> list[int]:
+        return [i for i in range(len(self.actors)) if self.router.alive[i]]
+
     def record(self, op: Op) -> None:
         """Keep ``op`` for replay, dropping what it makes moot (an adapter's older state, covered updates)."""
-        if op.method == 'set_template':
-            self.log = [o for o in self.log if o.method != op.method]
-        elif op.method in ('add_adapter', 'remove_adapter'):
+        if op.method in ('add_adapter', 'remove_adapter'):
             self.log = [o for o in self.log if o.adapter != op.adapter]
             if op.method == 'remove_adapter':
                 return
-        elif op.method == 'update_weights':
+        elif op.method == 'apply_update':
             self.log = [o for o in self.log if not (o.method == op.method and o.adapter == op.adapter
                                                     and o.names <= op.names)]
-        self.log.append(op)
+        self._seq += 1
+        self.log.append(replace(op, seq=self._seq))
 
     async def broadcast(self, op: Op) -> None:
         """``op`` on every live replica (restarting ones replay the log); the first real error is raised."""
-        live = [i for i in range(len(self.actors)) if self.router.alive[i]]
-        outcomes = await asyncio.gather(*(self.call(i, op.method, *op.args) for i in live), return_exceptions=True)
+        outcomes = await asyncio.gather(*(self.call(i, op.method, *op.args) for i in self.live),
+                                        return_exceptions=True)
         errors = [o for o in outcomes if isinstance(o, BaseException) and not isinstance(o, ReplicaDiedError)]
         if errors:
             raise errors[0]
 
-    async def update(self, op: Op) -> None:
-        """A weight update (``op``: ``update_weights(tensors, adapter, version)``) as one transaction: staged on every
-        live replica, then committed on all, or discarded on all when any replica fails to stage (or dies then).
-        ``op`` joins the log before the commits, so a replica whose commit fails is restarted (out of routing until
-        then) and replays the log up to ``version``.
+    async def stage(self, weights: Any, adapter: str) -> None:
+        """Stage an update (``weights``: an object-store reference) on every live replica, or on none.
 
         Raises:
-            WeightUpdateError: a replica could not stage the update; no replica changed.
+            WeightUpdateError: a replica could not stage it (named); it was discarded on every replica.
         """
-        live = [i for i in range(len(self.actors)) if self.router.alive[i]]
-        tensors, adapter, version = op.args
-        staged = await asyncio.gather(*(self.call(i, 'stage_weights', tensors, adapter) for i in live),
+        live = self.live
+        staged = await asyncio.gather(*(self.call(i, 'stage_weights', weights, adapter) for i in live),
                                       return_exceptions=True)
         failed = [(i, outcome) for i, outcome in zip(live, staged) if isinstance(outcome, BaseException)]
         if failed:
-            await asyncio.gather(*(self.call(i, 'discard_weights') for i in live if self.router.alive[i]),
-                                 return_exceptions=True)
+            await self.discard(live)
             index, error = failed[0]
             raise WeightUpdateError(f'replica {index} could not stage the update ({error}); it was discarded on '
                                     'every replica: all still serve the previous version') from error
+        self._staged_on = live
+
+    async def commit(self, op: Op, version: int) -> None:
+        """Commit the staged update (``op``: ``apply_update(weights, adapter, version)``, for replay) on every
+        replica that staged it. ``op`` joins the log first, so a replica whose commit fails is restarted (out of
+        routing until then) and replays the log up to ``version``; one that was restarting meanwhile replays it
+        too."""
         self.record(op)
-        committed = await asyncio.gather(*(self.call(i, 'commit_weights', version) for i in live),
+        targets, self._staged_on = self._staged_on, []
+        committed = await asyncio.gather(*(self.call(i, 'commit_weights', version) for i in targets),
                                          return_exceptions=True)
-        for index, outcome in zip(live, committed):
+        for index, outcome in zip(targets, committed):
             if isinstance(outcome, BaseException) and not isinstance(outcome, ReplicaDiedError):
-                self.died(index, outcome)  # restarted: it replays the log to ``version`` before serving again
+                self.died(index, outcome)
+
+    async def discard(self, targets: Optional[list[int]] = None) -> None:
+        """Forget the staged update everywhere (errors ignored: a dead replica holds nothing)."""
+        targets = self._staged_on if targets is None else targets
+        self._staged_on = []
+        await asyncio.gather(*(self.call(i, 'discard_weights') for i in targets if self.router.alive[i]),
+                             return_exceptions=True)
 
     async def route(self, work: int, session_id: Optional[str] = None) -> int:
         """A live replica for ``work`` samples (waiting for a restart when every replica is down)."""
@@ -151,31 +176,34 @@ class ReplicaSet:
 
     async def status(self) -> list[ReplicaStatus]:
         statuses = []
-        for index in range(len(self.actors)):
-            if self.router.alive[index]:
-                stats, served, version, adapters = await self.call(index, 'status')
-                statuses.append(ReplicaStatus(index, stats.waiting, stats.running, stats.used_slots, served,
-                                              version, adapters, stats.aborted))
+        for index in self.live:
+            stats, served, version, adapters = await self.call(index, 'status')
+            statuses.append(ReplicaStatus(index, stats.waiting, stats.running, stats.used_slots, served, version,
+                                          adapters, stats.aborted))
         return statuses
 
-    async def _launch(self, index: int) -> Any:
+    async def _launch(self, index: int) -> tuple[Any, EngineInfo]:
+        """A started replica in bundle ``index`` that has replayed the log (ops recorded meanwhile included)."""
         import ray
 
         options = self.group.actor_options(index)
-        actor: Any = ray.remote(SamplerActor).options(**options).remote(*self.actor_args)
-        await _unwrapped(actor.start.remote())
-        for op in self.log:
-            await _unwrapped(getattr(actor, op.method).remote(*op.args))
+        actor: Any = ray.remote(EngineActor).options(**options).remote(*self.actor_args)
+        info = await _unwrapped(actor.start.remote())
+        replayed = 0
+        while pending := [op for op in self.log if op.seq > replayed]:
+            for op in pending:
+                await _unwrapped(getattr(actor, op.method).remote(*op.args))
+                replayed = op.seq
         if self.paused is not None:
             await _unwrapped(actor.pause.remote(self.paused))
-        return actor
+        return actor, info
 
     async def _restart(self, index: int) -> None:
         import ray
 
         try:
             ray.kill(self.actors[index], no_restart=True)
-            self.actors[index] = await self._launch(index)
+            self.actors[index], _ = await self._launch(index)
             self.router.alive[index] = True
         finally:
             del self._restarts[index]

@@ -18,6 +18,7 @@ from twinkle_async.engines.base import (
     EngineOutput,
     EngineRequest,
     PauseMode,
+    apply_update,
 )
 from twinkle_async.engines.factory import ENGINE_KINDS, create_engine
 from twinkle_async.errors import (
@@ -25,12 +26,14 @@ from twinkle_async.errors import (
     ConfigurationError,
     InvalidRequestError,
     InvalidSamplingParamsError,
+    ReplicaDiedError,
     TwinkleAsyncError,
 )
 from twinkle_async.infra import check_local_mesh
 from twinkle_async.mesh import DeviceMesh, with_tensor_parallel
 from twinkle_async.models import DEFAULT_MODEL, resolve_model
 from twinkle_async.multimodal.processing import ImageProcessor, load_image_processor
+from twinkle_async.ray.replica_engine import ReplicaEngine, ReplicaLayout
 from twinkle_async.sampler.adapter_paths import AdapterPaths
 from twinkle_async.sampler.admission import Admission
 from twinkle_async.sampler.requests import ParamsLike, as_items, coerce_params, encode_input, resolve_params
@@ -38,7 +41,7 @@ from twinkle_async.sampler.responses import ResponseBuilder, empty_response, to_
 from twinkle_async.template import Template, TemplateSpec, build_template
 from twinkle_async.weights import NamedTensors, next_version
 
-__all__ = ['AsyncSampler', 'check_pause_mode', 'streamable', 'WAKE_UP_TAGS']
+__all__ = ['AsyncSampler', 'WAKE_UP_TAGS']
 
 InputLike = Mapping[str, Any]
 WAKE_UP_TAGS = ('weights', 'kv_cache')
@@ -54,31 +57,33 @@ class AsyncSampler:
         template: a template name, class or instance; the model's chat template by default.
         max_pending_requests: at most this many requests in flight (``None``: no bound); past it a new
             request fails at once with :class:`OverloadedError` (each item of a list counts).
-        remote_group: run as Ray actors in this group (see ``initialize('ray', groups=...)``): the
-            object is then a :class:`~twinkle_async.ray.remote_sampler.RemoteSampler`, same API.
-        device_mesh: with ``remote_group``, ``dp_size`` replicas of ``tp_size`` ranks each.
+        remote_group: run the engine as ``device_mesh.dp_size`` Ray actors in this group (reserved with
+            ``initialize('ray', groups=[DeviceGroup(...)])``), each on one of its workers: the engine is then a
+            :class:`~twinkle_async.ray.replica_engine.ReplicaEngine`; templates and responses stay here.
+        device_mesh: with ``remote_group``, ``dp_size`` replicas of ``tp_size`` ranks each (vLLM replicas of a
+            multi-device worker are tensor parallel over its devices by default, as in Twinkle).
+        retry: with ``remote_group``, sample a request again when its replica dies (streams only before their
+            first token); else it fails with :class:`ReplicaDiedError`.
+        coalesce_s: with ``remote_group``, how long a replica gathers a request's outputs into one Ray item.
 
     Use as ``async with AsyncSampler(...) as sampler:`` (or ``await start()`` / ``await close()``).
     Any number of tasks may sample concurrently; the engine batches them together.
     """
 
-    def __new__(cls, *args: Any, remote_group: Optional[str] = None, **kwargs: Any) -> AsyncSampler:
-        if remote_group is not None and cls is AsyncSampler:
-            from twinkle_async.ray.remote_sampler import RemoteSampler
-            return super().__new__(RemoteSampler)
-        return super().__new__(cls)
-
     def __init__(self, model_id: str = DEFAULT_MODEL, engine: str = 'torch',
                  engine_args: Optional[Mapping[str, Any]] = None, template: Optional[TemplateSpec] = None, *,
-                 device_mesh: Optional[DeviceMesh] = None, remote_group: None = None,
-                 max_pending_requests: Optional[int] = None) -> None:
+                 device_mesh: Optional[DeviceMesh] = None, remote_group: Optional[str] = None,
+                 max_pending_requests: Optional[int] = None, retry: bool = False, coalesce_s: float = 0.005) -> None:
         check_local_mesh(device_mesh, remote_group)
         self.admission = Admission(max_pending_requests)
         if engine not in ENGINE_KINDS:
             raise ConfigurationError(f'unknown engine {engine!r}; choose one of {ENGINE_KINDS}')
         self.model_id = model_id
         self.engine_kind = engine
-        tp_size = device_mesh.tp_size if device_mesh else 1
+        mesh = device_mesh or DeviceMesh()
+        self._layout = None if remote_group is None else \
+            ReplicaLayout.plan(remote_group, mesh, engine, retry, coalesce_s)
+        tp_size = mesh.tp_size if self._layout is None else self._layout.tp_size
         self.engine_args = with_tensor_parallel(dict(engine_args or {}), engine, tp_size)
         self._template_spec = template
         self._engine: Optional[Engine] = None
@@ -104,7 +109,11 @@ class AsyncSampler:
         if self._engine is not None:
             return
         self.model_dir = await asyncio.to_thread(resolve_model, self.model_id)
-        self._engine = await create_engine(self.engine_kind, self.model_dir, self.engine_args)
+        if self._layout is None:
+            self._engine = await create_engine(self.engine_kind, self.model_dir, self.engine_args)
+        else:
+            self._engine = await ReplicaEngine.create(self._layout, self.model_id, self.model_dir, self.engine_kind,
+                                                      self.engine_args)
         self._images = await asyncio.to_thread(load_image_processor, self.model_dir,
                                                bool(self.engine_args.get('trust_remote_code')))
         self._template = build_template(self._template_spec or 'default', self._text_or_images())
@@ -192,9 +201,9 @@ class AsyncSampler:
         items, one = as_items(inputs)
         adapter_name = await self._adapter_for(adapter_name, adapter_path)
         if one:
-            return await self._sample_one(items[0], params, adapter_name, timeout)
-        results = await asyncio.gather(*(self._sample_one(item, params, adapter_name, timeout) for item in items),
-                                       return_exceptions=True)
+            return await self._sample_one(items[0], params, adapter_name, timeout, session_id)
+        results = await asyncio.gather(*(self._sample_one(item, params, adapter_name, timeout, session_id)
+                                         for item in items), return_exceptions=True)
         for result in results:
             if isinstance(result, BaseException) and not (return_exceptions and isinstance(result, TwinkleAsyncError)):
                 raise result
@@ -214,7 +223,7 @@ class AsyncSampler:
         """
         params = streamable(coerce_params(sampling_params, num_samples))
         adapter_name = await self._adapter_for(adapter_name, adapter_path)
-        _, request = self._request(inputs, params, adapter_name)
+        _, request = self._request(inputs, params, adapter_name, session_id)
         if request is None:  # the template's truncation_strategy='delete' dropped the prompt
             return
         async with contextlib.aclosing(self._generate(request, timeout)) as outputs:
@@ -358,15 +367,22 @@ class AsyncSampler:
             loaded = ', '.join(map(repr, self.list_adapters())) or 'none'
             raise AdapterNotFoundError(f'adapter {name!r} is not loaded (loaded: {loaded})')
 
-    async def _sample_one(self, item: InputLike, params: Any, adapter_name: str,
-                          timeout: Optional[float]) -> SampleResponse:
-        feature, request = self._request(item, params, adapter_name)
-        if request is None:
-            return empty_response()
-        builder = ResponseBuilder(request.prompt_token_ids, request.params.num_samples, params.logprobs is not None)
-        async with contextlib.aclosing(self._generate(request, timeout)) as outputs:
-            async for output in outputs:
-                builder.add(output)
+    async def _sample_one(self, item: InputLike, params: Any, adapter_name: str, timeout: Optional[float],
+                          session_id: Optional[str]) -> SampleResponse:
+        while True:
+            feature, request = self._request(item, params, adapter_name, session_id)
+            if request is None:
+                return empty_response()
+            builder = ResponseBuilder(request.prompt_token_ids, request.params.num_samples,
+                                      params.logprobs is not None)
+            try:
+                async with contextlib.aclosing(self._generate(request, timeout)) as outputs:
+                    async for output in outputs:
+                        builder.add(output)
+                break
+            except ReplicaDiedError as exc:
+                if not exc.resendable:
+                    raise
         if params.scoring:
             return builder.scored(params.num_samples, feature)
         template = self.template
@@ -380,7 +396,8 @@ class AsyncSampler:
                 async for output in outputs:
                     yield output
 
-    def _request(self, item: InputLike, params: Any, adapter_name: str) -> tuple[Any, Optional[EngineRequest]]:
+    def _request(self, item: InputLike, params: Any, adapter_name: str,
+                 session_id: Optional[str] = None) -> tuple[Any, Optional[EngineRequest]]:
         """The input's prompt feature and the engine request for it (``None`` when the template dropped it)."""
         engine = self.engine
         self._check_adapter(adapter_name)
@@ -391,13 +408,7 @@ class AsyncSampler:
         if images is not None and 'input_ids' in item:  # an encoded trajectory has its pixel tensors already
             feature = self.template.pixel_features(feature, images)
         resolved = resolve_params(params, len(prompt), engine.max_model_len, engine.vocab_size, engine.max_logprobs)
-        return feature, EngineRequest(uuid.uuid4().hex, prompt, resolved, adapter_name, images)
-
-
-async def apply_update(engine: Engine, weights: NamedTensors, adapter_name: str, version: int) -> None:
-    """Stage then commit an update on ``engine`` (a failed stage leaves nothing staged)."""
-    await engine.stage_weights(weights, adapter_name)
-    await engine.commit_weights(version)
+        return feature, EngineRequest(uuid.uuid4().hex, prompt, resolved, adapter_name, images, session_id)
 
 
 def streamable(params: Any) -> Any:

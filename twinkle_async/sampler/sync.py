@@ -32,14 +32,8 @@ class BlockingSampler(Sampler):
         check_local_mesh(device_mesh, remote_group)
         self.device_mesh = device_mesh or DeviceMesh()
         engine_args = {**(engine_args or {}), **kwargs}
-        self.async_sampler: AsyncSampler
-        if remote_group is None:
-            self.async_sampler = AsyncSampler(model_id, engine=self.engine_kind, engine_args=engine_args,
-                                              device_mesh=device_mesh)
-        else:
-            from twinkle_async.ray.remote_sampler import RemoteSampler
-            self.async_sampler = RemoteSampler(model_id, engine=self.engine_kind, engine_args=engine_args,
-                                               remote_group=remote_group, device_mesh=device_mesh, retry=retry)
+        self.async_sampler = AsyncSampler(model_id, engine=self.engine_kind, engine_args=engine_args,
+                                          device_mesh=device_mesh, remote_group=remote_group, retry=retry)
         self._portal = Portal()
         self._finalizer = weakref.finalize(self, _shutdown, self._portal, self.async_sampler)
         try:

@@ -66,9 +66,8 @@ def _sampler(model: str, engine: str, engine_args: Mapping[str, Any], ray_replic
     import torch
 
     from twinkle_async import DeviceGroup, DeviceMesh, initialize
-    from twinkle_async.ray.remote_sampler import RemoteSampler
 
     device = 'cuda' if torch.cuda.is_available() else 'cpu'
     initialize('ray', groups=[DeviceGroup(name='serve', ranks=ray_replicas, device_type=device)])
-    return RemoteSampler(model, engine, engine_args, remote_group='serve',
-                         device_mesh=DeviceMesh.from_sizes(dp_size=ray_replicas))
+    return AsyncSampler(model, engine, engine_args, remote_group='serve',
+                        device_mesh=DeviceMesh.from_sizes(dp_size=ray_replicas))
