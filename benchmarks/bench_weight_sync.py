@@ -6,8 +6,14 @@ plain ``tensor.copy_`` of the same bytes in the same run (the floor: what moving
 here). Each figure is the best of ``--rounds``. Then ``--rss-updates`` full updates in a row, with the
 resident memory of the process tree after each.
 
+``--replicas N`` (torch engine, a local Ray cluster of N CPUs): the full weights into N Ray replicas, (c) by
+``update_weights`` in the sampler's process (tensors through Ray's object store) and (d) streamed by a
+``WeightSender`` in a separate trainer process over gloo, each rank receiving its own copy; then (e) the same
+trainer streaming into a local (one-engine) sampler. Timed from the call to the new version served.
+
     python benchmarks/bench_weight_sync.py                    # both engines, default model
     python benchmarks/bench_weight_sync.py --engines torch --rounds 5
+    python benchmarks/bench_weight_sync.py --engines --replicas 2   # the Ray / gloo paths alone
 """
 
 from __future__ import annotations
@@ -108,6 +114,63 @@ async def measure_engine(engine: str, model_dir: Path, base: dict[str, torch.Ten
             'answer_after': answer}
 
 
+async def measure_streams(model_dir: Path, base: dict[str, torch.Tensor], args: argparse.Namespace) -> dict[str, Any]:
+    """(c) object store and (d) gloo into ``args.replicas`` Ray replicas, (e) gloo into a local sampler."""
+    import ray
+
+    engine_args = {'dtype': 'float32', 'max_model_len': 256, 'max_num_seqs': 8}
+    ta.initialize('ray', groups=[ta.DeviceGroup(name='bench', ranks=args.replicas)], num_cpus=args.replicas,
+                  object_store_memory=2 * 2**30)
+    try:
+        async with ta.AsyncSampler(str(model_dir), engine='torch', engine_args=engine_args, remote_group='bench',
+                                   device_mesh=ta.DeviceMesh.from_sizes(dp_size=args.replicas)) as remote:
+            object_store = await best_update(remote, base, args.rounds)
+            gloo = await trainer_seconds(await remote.open_weight_channel(), args.rounds)
+            versions = [s.weight_version for s in await remote.engine.replica_status()]
+    finally:
+        ta.initialize('local')
+        ray.shutdown()
+    async with ta.AsyncSampler(str(model_dir), engine='torch', engine_args=engine_args) as local:
+        gloo_local = await trainer_seconds(await local.open_weight_channel(), args.rounds)
+    return {'object_store_s': object_store, 'gloo_s': gloo, 'gloo_local_s': gloo_local, 'versions': versions}
+
+
+async def trainer_seconds(address: str, rounds: int) -> float:
+    """Best time of ``rounds`` sends by a trainer process (this script with ``--as-trainer``)."""
+    process = await asyncio.create_subprocess_exec(sys.executable, __file__, '--as-trainer', address, str(rounds),
+                                                   stdout=asyncio.subprocess.PIPE)
+    stdout, _ = await process.communicate()
+    assert process.returncode == 0, 'the trainer process failed'
+    return float(stdout.decode().split()[-1])
+
+
+def run_trainer(address: str, rounds: int) -> None:
+    """The trainer's side: the same weights as ``base_weights``, sent ``rounds`` times; prints the best time."""
+    weights = base_weights(ta.resolve_model(ta.DEFAULT_MODEL))
+    best = float('inf')
+    with ta.WeightSender(address) as sender:
+        for _ in range(rounds):
+            start = time.perf_counter()
+            sender.send(weights)
+            best = min(best, time.perf_counter() - start)
+    print(best)
+
+
+def report_streams(streams: dict[str, Any], base: dict[str, torch.Tensor], copy_full: float,
+                   replicas: int) -> list[dict[str, Any]]:
+    size = nbytes(base)
+    rows, payload = [], []
+    for name, seconds in ((f'(c) object store -> {replicas} Ray replicas', streams['object_store_s']),
+                          (f'(d) trainer process -> {replicas} Ray replicas, gloo', streams['gloo_s']),
+                          ('(e) trainer process -> local sampler, gloo', streams['gloo_local_s'])):
+        rows.append([name, f'{size / 1e6:.0f}', f'{seconds:.3f}', f'{size / seconds / 1e9:.3f}',
+                     f'{copy_full / seconds:.3f}'])
+        payload.append({'path': name, 'bytes': size, 'seconds': seconds, 'gb_per_s': size / seconds / 1e9})
+    print(format_table(['path (full weights, torch engine)', 'MB', 'seconds', 'GB/s', 'ratio to copy_'], rows))
+    print(f"replicas' weight versions after: {streams['versions']}")
+    return payload
+
+
 def report(results: list[dict[str, Any]], base: dict[str, torch.Tensor], lora: dict[str, torch.Tensor],
            copy_full: float, copy_lora: float) -> list[dict[str, Any]]:
     full_bytes, lora_bytes = nbytes(base), nbytes(lora)
@@ -136,7 +199,9 @@ def report(results: list[dict[str, Any]], base: dict[str, torch.Tensor], lora: d
 
 def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     parser = benchmark_parser(__doc__)
-    parser.add_argument('--engines', nargs='+', default=['torch', 'vllm'], choices=['torch', 'vllm'])
+    parser.add_argument('--engines', nargs='*', default=['torch', 'vllm'], choices=['torch', 'vllm'])
+    parser.add_argument('--replicas', type=int, default=0, help='also the Ray / gloo paths into this many replicas')
+    parser.add_argument('--as-trainer', nargs=2, metavar=('ADDRESS', 'ROUNDS'), help=argparse.SUPPRESS)
     parser.add_argument('--rounds', type=int, default=3)
     parser.add_argument('--rss-updates', type=int, default=20)
     return parser.parse_args(argv)
@@ -144,6 +209,8 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
 
 def main(argv: Optional[list[str]] = None) -> None:
     args = parse_args(argv)
+    if args.as_trainer:
+        return run_trainer(args.as_trainer[0], int(args.as_trainer[1]))
     model_dir = ta.resolve_model(ta.DEFAULT_MODEL)
     base = base_weights(model_dir)
     with tempfile.TemporaryDirectory() as scratch:
@@ -151,8 +218,11 @@ def main(argv: Optional[list[str]] = None) -> None:
         copy_full, copy_lora = copy_seconds(base, args.rounds), copy_seconds(lora, args.rounds)
         results = [asyncio.run(measure_engine(engine, model_dir, base, Path(scratch) / 'lora', lora, args))
                    for engine in args.engines]
+    streams = asyncio.run(measure_streams(model_dir, base, args)) if args.replicas else None
     print(f'model: {ta.DEFAULT_MODEL} (float32); machine: {machine_info()}')
     payload = report(results, base, lora, copy_full, copy_lora)
+    if streams is not None:
+        payload += report_streams(streams, base, copy_full, args.replicas)
     save_results(args, results=payload, rss_mib={r['engine']: r['rss_mib'] for r in results})
 
 

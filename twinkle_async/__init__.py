@@ -20,10 +20,11 @@ from twinkle_async.models import DEFAULT_MODEL, resolve_model
 from twinkle_async.ray.remote import remote_class, remote_function
 from twinkle_async.sampler import AsyncSampler, Sampler, TorchSampler, vLLMSampler
 from twinkle_async.template import Template
+from twinkle_async.transfer import WeightSender
 
 __version__ = '0.1.0'
 
 __all__ = ['errors', 'InputFeature', 'Message', 'SampledSequence', 'SampleResponse', 'SamplingParams', 'TokenDelta',
            'Trajectory', 'DeviceGroup', 'DeviceMesh', 'initialize', 'get_logger', 'get_device_placement',
            'DEFAULT_MODEL', 'resolve_model', 'remote_class', 'remote_function', 'AsyncSampler', 'Sampler',
-           'TorchSampler', 'vLLMSampler', 'Template', '__version__']
+           'TorchSampler', 'vLLMSampler', 'Template', 'WeightSender', '__version__']

@@ -21,6 +21,7 @@ from twinkle_async.engines.base import (
 )
 from twinkle_async.engines.factory import create_engine
 from twinkle_async.models import resolve_model
+from twinkle_async.transfer.receiver import StreamedWeights
 from twinkle_async.weights import NamedTensors
 
 __all__ = ['EngineActor', 'EngineInfo']
@@ -113,8 +114,16 @@ class EngineActor:
     async def remove_adapter(self, name: str) -> None:
         await self.engine.remove_adapter(name)
 
-    async def stage_weights(self, weights: NamedTensors, adapter_name: str) -> None:
+    async def stage_weights(self, weights: NamedTensors, adapter_name: str, keep: bool = False) -> Optional[list[Any]]:
+        """Stage an update; one streamed by a ``WeightSender`` is received here first (all of it, whatever the engine
+        makes of it, so the sender's broadcast completes), and with ``keep`` put in the object store: ``[ref]``."""
+        import ray
+
+        if isinstance(weights, StreamedWeights):
+            weights = dict(await asyncio.to_thread(weights.receive))
+        kept = [ray.put(weights)] if keep else None
         await self.engine.stage_weights(weights, adapter_name)
+        return kept
 
     async def commit_weights(self, version: int) -> None:
         await self.engine.commit_weights(version)

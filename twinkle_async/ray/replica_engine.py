@@ -21,6 +21,7 @@ from twinkle_async.errors import ConfigurationError, ReplicaDiedError, WeightUpd
 from twinkle_async.mesh import DeviceMesh
 from twinkle_async.ray.cluster import ReservedGroup, reserved_group
 from twinkle_async.ray.replicas import Op, ReplicaSet, ReplicaStatus
+from twinkle_async.transfer.receiver import StreamedWeights
 from twinkle_async.weights import NamedTensors, named_tensors, stage_update
 
 __all__ = ['ReplicaEngine', 'ReplicaLayout', 'ReplicaStatus']
@@ -172,7 +173,9 @@ class ReplicaEngine:
         self._adapters.remove(name)
 
     async def stage_weights(self, weights: NamedTensors, adapter_name: str) -> None:
-        """Put the tensors in the object store once and stage them on every replica, or on none.
+        """Stage the update on every replica, or on none: tensors put in the object store once; an update streamed by
+        a ``WeightSender`` is received by each replica itself (one rank each), and the first keeps a copy in the
+        object store for replicas that restart later.
 
         Raises:
             WeightUpdateError: ``weights`` raised midway, or a replica could not stage them (named); every
@@ -181,10 +184,17 @@ class ReplicaEngine:
         import ray
 
         await self.discard_weights()
-        tensors = await stage_update(lambda: dict(named_tensors(weights)))
-        ref = ray.put(tensors)
-        await self.replicas.stage(ref, adapter_name)
-        self._staged = (ref, adapter_name, frozenset(tensors))
+        live = self.replicas.live
+        if isinstance(weights, StreamedWeights):
+            parts = weights.split(len(live))
+            staged = await self.replicas.stage({i: (part, adapter_name, n == 0)
+                                                for n, (i, part) in enumerate(zip(live, parts))})
+            ref, names = staged[0][0], frozenset(meta.name for bucket in weights.header.buckets for meta in bucket)
+        else:
+            tensors = await stage_update(lambda: dict(named_tensors(weights)))
+            ref, names = ray.put(tensors), frozenset(tensors)
+            await self.replicas.stage({i: (ref, adapter_name) for i in live})
+        self._staged = (ref, adapter_name, names)
 
     async def commit_weights(self, version: int) -> None:
         """Commit on every replica that staged the update; one whose commit fails is restarted and replays it."""

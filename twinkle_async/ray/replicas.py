@@ -104,14 +104,14 @@ class ReplicaSet:
         if errors:
             raise errors[0]
 
-    async def stage(self, weights: Any, adapter: str) -> None:
-        """Stage an update (``weights``: an object-store reference) on every live replica, or on none.
+    async def stage(self, calls: dict[int, tuple[Any, ...]]) -> list[Any]:
+        """``stage_weights(*args)`` on each replica of ``calls`` (every live one), or on none; their results.
 
         Raises:
             WeightUpdateError: a replica could not stage it (named); it was discarded on every replica.
         """
-        live = self.live
-        staged = await asyncio.gather(*(self.call(i, 'stage_weights', weights, adapter) for i in live),
+        live = list(calls)
+        staged = await asyncio.gather(*(self.call(i, 'stage_weights', *args) for i, args in calls.items()),
                                       return_exceptions=True)
         failed = [(i, outcome) for i, outcome in zip(live, staged) if isinstance(outcome, BaseException)]
         if failed:
@@ -120,6 +120,7 @@ class ReplicaSet:
             raise WeightUpdateError(f'replica {index} could not stage the update ({error}); it was discarded on '
                                     'every replica: all still serve the previous version') from error
         self._staged_on = live
+        return staged
 
     async def commit(self, op: Op, version: int) -> None:
         """Commit the staged update (``op``: ``apply_update(weights, adapter, version)``, for replay) on every

@@ -39,6 +39,7 @@ from twinkle_async.sampler.admission import Admission
 from twinkle_async.sampler.requests import ParamsLike, as_items, coerce_params, encode_input, resolve_params
 from twinkle_async.sampler.responses import ResponseBuilder, empty_response, to_delta
 from twinkle_async.template import Template, TemplateSpec, build_template
+from twinkle_async.transfer import StreamedWeights, WeightChannel
 from twinkle_async.weights import NamedTensors, next_version
 
 __all__ = ['AsyncSampler', 'WAKE_UP_TAGS']
@@ -91,6 +92,7 @@ class AsyncSampler:
         self._images: Optional[ImageProcessor] = None
         self._model_lock = asyncio.Lock()  # adapter and weight changes happen one at a time
         self._adapter_paths = AdapterPaths()
+        self._weight_channel: Optional[WeightChannel] = None
         self.model_dir: Optional[Path] = None
 
     async def __aenter__(self) -> AsyncSampler:
@@ -120,6 +122,9 @@ class AsyncSampler:
 
     async def close(self) -> None:
         """Stop the engine; open requests fail with ``EngineDeadError``."""
+        if self._weight_channel is not None:
+            channel, self._weight_channel = self._weight_channel, None
+            await channel.close()
         if self._engine is not None:
             engine, self._engine = self._engine, None
             await engine.close()
@@ -298,6 +303,25 @@ class AsyncSampler:
             new_version = next_version(self.engine.weight_version, version)
             await apply_update(self.engine, weights, adapter_name or BASE_MODEL, new_version)
             return new_version
+
+    async def open_weight_channel(self, host: str = '127.0.0.1', port: int = 0, timeout_s: float = 300.0) -> str:
+        """Take weight updates from a trainer in another process: returns the address a
+        :class:`~twinkle_async.transfer.WeightSender` connects to (``'host:port'``; port 0 picks a free one).
+
+        Each ``sender.send(weights, version=..., adapter_name=...)`` is applied as ``update_weights``: the tensors
+        are broadcast over ``torch.distributed`` (gloo for CPU tensors, NCCL for CUDA ones) straight into every
+        engine (each Ray replica is a rank of its own), staged everywhere, then committed, or refused everywhere
+        (the sender gets the ``WeightUpdateError``). Updates apply one at a time, in the order sent. Idempotent: a
+        second call returns the same address. The channel closes with the sampler.
+        """
+        self.engine  # noqa: B018 - raises when not started
+        if self._weight_channel is None:
+            self._weight_channel = WeightChannel(self._apply_streamed, host, port, timeout_s)
+        return self._weight_channel.address
+
+    async def _apply_streamed(self, weights: StreamedWeights, adapter_name: Optional[str],
+                              version: Optional[int]) -> int:
+        return await self.update_weights(weights, adapter_name=adapter_name, version=version)
 
     # -- pausing --
     async def pause(self, mode: PauseMode = 'abort') -> None:

@@ -94,6 +94,10 @@ class BlockingSampler(Sampler):
         return self._portal.call(self.async_sampler.update_weights, weights, adapter_name=adapter_name,
                                  version=version)
 
+    def open_weight_channel(self, host: str = '127.0.0.1', port: int = 0) -> str:
+        """See :meth:`AsyncSampler.open_weight_channel` (updates are applied on the portal's event loop)."""
+        return self._portal.call(self.async_sampler.open_weight_channel, host, port)
+
     @property
     def weight_version(self) -> int:
         return self.async_sampler.weight_version
