@@ -34,13 +34,14 @@ def ray_environment():
 
 
 @contextlib.contextmanager
-def local_ray_cluster(group: str, object_store_mib: int = 256) -> Iterator[None]:
-    """A local Ray cluster of 2 CPUs holding one 2-worker CPU group named ``group``, shut down after."""
+def local_ray_cluster(group: str, object_store_mib: int = 256, cpus_per_worker: int = 1) -> Iterator[None]:
+    """A local Ray cluster of 2 CPUs holding one CPU group named ``group`` (2 workers of 1 CPU, or 1 of 2),
+    shut down after."""
     import ray
 
     from twinkle_async import DeviceGroup, initialize
-    initialize('ray', groups=[DeviceGroup(name=group, ranks=2, device_type='cpu')], num_cpus=2,
-               object_store_memory=object_store_mib * 2**20)
+    initialize('ray', groups=[DeviceGroup(name=group, ranks=2, device_type='cpu', gpus_per_worker=cpus_per_worker)],
+               num_cpus=2, object_store_memory=object_store_mib * 2**20)
     try:
         yield
     finally:

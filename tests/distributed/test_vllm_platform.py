@@ -24,6 +24,13 @@ def test_a_gpu_keeps_vllms_own_defaults_and_the_cpu_gets_its_workarounds(tiny_mo
     assert chosen.dtype == 'bfloat16' and chosen.enable_chunked_prefill  # the user's choice wins
 
 
+@pytest.mark.parametrize('on_cpu', [True, False])
+def test_tensor_parallel_ranks_are_processes_of_the_replica_on_every_platform(tiny_model_dir, on_cpu):
+    sharded = build_engine_args(str(tiny_model_dir), {'tensor_parallel_size': 2}, on_cpu=on_cpu)
+    assert sharded.distributed_executor_backend == 'mp'  # not vLLM's Ray executor, even inside a Ray actor
+    assert build_engine_args(str(tiny_model_dir), {}, on_cpu=on_cpu).distributed_executor_backend is None
+
+
 class RecordingLLM:
     """vLLM's ``AsyncLLM`` sleep API, recording the calls."""
 

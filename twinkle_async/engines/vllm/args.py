@@ -87,6 +87,10 @@ def build_engine_args(model_dir: str, engine_args: Optional[Mapping[str, Any]], 
         if ignored:
             logger.warning('vllm engine on CPU: ignoring GPU-only engine_args %s', ignored)
     merged = {**_DEFAULTS, **(CPU_DEFAULTS if on_cpu else {}), **user}
+    if merged.get('tensor_parallel_size', 1) * merged.get('pipeline_parallel_size', 1) > 1:
+        # a replica is one worker (one node): its ranks are processes of its own. vLLM would pick its Ray executor
+        # inside a Ray actor, which vLLM-CPU does not support and which on GPUs asks Ray for devices the actor holds
+        merged.setdefault('distributed_executor_backend', 'mp')
     if on_cpu:
         logger.warning('vllm engine on CPU: %s', {k: merged[k] for k in CPU_DEFAULTS})
     if on_cpu:

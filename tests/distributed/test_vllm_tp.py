@@ -1,0 +1,54 @@
+"""vLLM tensor parallel inside one Ray replica on CPU: a group of one 2-CPU worker, ``tp_size=2``; the replica's
+engine runs two tensor-parallel worker processes and gives the greedy tokens of the tp=1 engine."""
+
+from __future__ import annotations
+
+import psutil
+import pytest
+import pytest_asyncio
+
+from twinkle_async import AsyncSampler, DeviceMesh
+
+from conftest import TINY_ENGINE_ARGS, local_ray_cluster, within
+
+pytestmark = pytest.mark.slow
+
+GREEDY = {'max_tokens': 12, 'temperature': 0, 'ignore_eos': True}
+PROMPTS = [{'input_ids': [5, 6, 7]}, {'input_ids': [9, 10, 11, 12]}, {'input_ids': [300, 301]}]
+
+
+@pytest.fixture(scope='module')
+def cluster(ray_environment):
+    with local_ray_cluster('tp', cpus_per_worker=2):
+        yield
+
+
+@pytest_asyncio.fixture(scope='module', loop_scope='session')
+async def tp2(cluster, tiny_model_dir):
+    sampler = AsyncSampler(str(tiny_model_dir), engine='vllm', engine_args=TINY_ENGINE_ARGS, remote_group='tp',
+                           device_mesh=DeviceMesh.from_sizes(world_size=2, tp_size=2))
+    await within(sampler.start(), 300)
+    yield sampler
+    await sampler.close()
+
+
+def tensor_parallel_ranks_in_replicas() -> set[str]:
+    """Names of the vLLM worker processes running under a replica actor."""
+    names = set()
+    for process in psutil.process_iter(['name']):
+        try:
+            if process.info['name'].startswith('VLLM::Worker_TP') and \
+                    any(parent.name() == 'ray::EngineActor' for parent in process.parents()):
+                names.add(process.info['name'])
+        except psutil.Error:
+            continue
+    return names
+
+
+async def test_tp2_in_one_ray_replica_gives_the_greedy_tokens_of_tp1(tp2, vllm_sampler):
+    assert tp2.engine_args['tensor_parallel_size'] == 2
+    assert tensor_parallel_ranks_in_replicas() == {'VLLM::Worker_TP0', 'VLLM::Worker_TP1'}
+    sharded = await within(tp2.sample(PROMPTS, GREEDY))
+    whole = await within(vllm_sampler.sample(PROMPTS, GREEDY))
+    assert [r.sequences[0].tokens for r in sharded] == [r.sequences[0].tokens for r in whole]
+    assert all(len(r.sequences[0].tokens) == 12 for r in sharded)
