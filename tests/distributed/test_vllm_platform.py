@@ -79,3 +79,71 @@ def test_without_sleep_mode_sleep_is_refused_naming_the_setting():
         asyncio.run(mode.sleep(1))
     with pytest.raises(NotSupportedError, match='sleep level must be 1 or 2'):
         asyncio.run(SleepMode(RecordingLLM(), enabled=True).sleep(3))
+
+
+class RecordingRunner:
+    """A vLLM worker's model runner: records what ``load_weights`` (in place) and ``reload_weights`` (whole) got."""
+
+    def __init__(self, fail_in_place: bool = False) -> None:
+        self.calls: list[tuple[str, dict]] = []
+        self.fail_in_place = fail_in_place
+
+    def get_model(self):
+        return self
+
+    def load_weights(self, weights):
+        self.calls.append(('in place', dict(weights)))
+        if self.fail_in_place:
+            raise RuntimeError('injected: a weight loader failed')
+
+    def reload_weights(self, weights_iterator, is_checkpoint_format):
+        self.calls.append(('whole checkpoint', dict(weights_iterator)))
+
+
+def worker_with_staged(tiny_model_dir, tmp_path, runner: RecordingRunner):
+    """A worker object with the extension mixed in (as vLLM does) and one bucket of two new tensors staged."""
+    from types import SimpleNamespace
+
+    import torch
+    from safetensors.torch import save_file
+
+    from twinkle_async.engines.vllm.worker_extension import TwinkleWorkerExtension
+
+    worker = TwinkleWorkerExtension()
+    worker.model_runner = runner
+    worker.vllm_config = SimpleNamespace(model_config=SimpleNamespace(
+        model=str(tiny_model_dir), hf_text_config=SimpleNamespace(tie_word_embeddings=False)))
+    new = {'model.layers.0.mlp.up_proj.weight': torch.ones(2, 2), 'model.norm.weight': torch.ones(2)}
+    save_file(new, str(tmp_path / 'bucket.safetensors'))
+    worker.twinkle_stage(str(tmp_path / 'bucket.safetensors'))
+    return worker, set(new)
+
+
+@pytest.mark.parametrize('gpu', [True, False])
+def test_an_update_loads_only_the_changed_tensors_in_place_except_on_vllm_cpu(tiny_model_dir, tmp_path, monkeypatch,
+                                                                               gpu):
+    from twinkle_async.engines.vllm import worker_extension
+    from twinkle_async.weights import checkpoint_specs
+
+    monkeypatch.setattr(worker_extension, 'partial_loads', lambda: gpu)
+    runner = RecordingRunner()
+    worker, changed = worker_with_staged(tiny_model_dir, tmp_path, runner)
+    worker.twinkle_commit()
+    [(how, tensors)] = runner.calls
+    if gpu:
+        assert how == 'in place' and set(tensors) == changed
+    else:
+        assert how == 'whole checkpoint' and set(tensors) == set(checkpoint_specs(tiny_model_dir))
+        assert all(tensors[name].shape == (2,) or tensors[name].shape == (2, 2) for name in changed)
+
+
+def test_a_failed_in_place_load_reloads_the_previous_weights_whole_and_raises(tiny_model_dir, tmp_path, monkeypatch):
+    from twinkle_async.engines.vllm import worker_extension
+
+    monkeypatch.setattr(worker_extension, 'partial_loads', lambda: True)
+    runner = RecordingRunner(fail_in_place=True)
+    worker, _ = worker_with_staged(tiny_model_dir, tmp_path, runner)
+    with pytest.raises(RuntimeError, match='injected'):
+        worker.twinkle_commit()
+    assert [how for how, _ in runner.calls] == ['in place', 'whole checkpoint']
+    assert worker.__dict__.get('_twinkle_overlay', {}) == {}, 'the failed update is not part of the model'

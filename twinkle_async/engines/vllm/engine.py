@@ -147,8 +147,15 @@ class VLLMEngine:
 
     async def _add(self, request: EngineRequest, prompt: Any, params: Any,
                    lora_request: Any) -> OutputCollector[tuple[int, Any]]:
+        """Render ``prompt`` with vLLM's renderer (images processed off the event loop), then submit it: vLLM 0.32
+        deprecates handing raw prompts to ``add_request``."""
+        from vllm.renderers.inputs.preprocess import parse_model_prompt
+
+        renderer = self.llm.renderer
         try:
-            vllm_queue = await self.llm.add_request(request.request_id, prompt, params, lora_request=lora_request)
+            (rendered,) = await renderer.render_cmpl_async([parse_model_prompt(self.llm.model_config, prompt)],
+                                                           renderer.default_cmpl_tok_params)
+            vllm_queue = await self.llm.add_request(request.request_id, rendered, params, lora_request=lora_request)
         except Exception as exc:
             raise self._translate(exc) from exc
         if self._user_paused:

@@ -1,12 +1,13 @@
 """Runs inside each vLLM worker process (``worker_extension_cls``): all-or-nothing base weight updates.
 
-vLLM-CPU re-packs every linear layer after loading, so weights cannot be patched tensor by tensor;
-they are reloaded through vLLM's own ``reload_weights``, which rebuilds a fused layer (qkv, gate_up)
-from whatever it is given: a partial update would leave the parts not sent uninitialised. So buckets
-(safetensors files: collective_rpc turns tensor arguments into lists) are staged first, and
-``twinkle_commit`` reloads the whole checkpoint with every update so far laid over the original
-files; on failure it reloads the previous state and raises. A tied lm_head is re-packed from the
-new embedding, which the reload does not do.
+Buckets (safetensors files: collective_rpc turns tensor arguments into lists) are staged first; ``twinkle_commit``
+applies them. On GPUs the changed tensors are loaded in place with the model's own ``load_weights`` (each weight
+loader copies its shard into the fused parameter; the parts not sent keep their values). vLLM-CPU re-packs every
+linear layer after loading, so there weights cannot be patched tensor by tensor: they are reloaded through vLLM's
+``reload_weights``, which rebuilds a fused layer (qkv, gate_up) from whatever it is given — a partial update would
+leave the parts not sent uninitialised — so the whole checkpoint is reloaded with every update so far laid over
+the original files. On failure either way the previous state is reloaded whole, then it raises. A tied lm_head is
+re-packed from the new embedding, which the reload does not do.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Iterator
 
-__all__ = ['TwinkleWorkerExtension']
+__all__ = ['TwinkleWorkerExtension', 'partial_loads']
 
 
 class TwinkleWorkerExtension:
@@ -40,9 +41,13 @@ class TwinkleWorkerExtension:
     def twinkle_commit(self) -> None:
         """Apply the staged weights; on any failure the model is reloaded as it was, then it raises."""
         previous = self.__dict__.get('_twinkle_overlay', {})
-        overlay = {**previous, **self.__dict__.pop('_twinkle_staged', {})}
+        staged = self.__dict__.pop('_twinkle_staged', {})
+        overlay = {**previous, **staged}
         try:
-            self._twinkle_reload(overlay)
+            if partial_loads():
+                self.model_runner.get_model().load_weights(weights=iter(staged.items()))
+            else:
+                self._twinkle_reload(overlay)
         except BaseException:
             self._twinkle_reload(previous)
             raise
@@ -66,3 +71,10 @@ class TwinkleWorkerExtension:
                 for name in file.keys():
                     if name not in overlay:
                         yield name, file.get_tensor(name)
+
+
+def partial_loads() -> bool:
+    """Whether this platform's layers take a subset of their weights in place (every platform but vLLM-CPU)."""
+    from vllm.platforms import current_platform
+
+    return not current_platform.is_cpu()
