@@ -13,7 +13,14 @@ What it shows:
     clipped policy-gradient loss on the sampled tokens with the importance ratio between the trainer's
     logprobs and the sampler's (``logprobs=0`` returns the sampled token's logprob), which corrects
     for the off-policy tokens;
-  * a verifiable toy reward: 1 when the completion's last number is right, 0.2 for any other number, else 0.
+  * dynamic sampling (DAPO): ``sample_groups`` over-samples problems and keeps the first groups whose rewards
+    are not all equal (a group that agrees has zero advantage: nothing to learn), aborting the rest;
+  * the logprob contract: tokens are drawn with top-k/top-p, the sampler returns processed logprobs and the kept
+    set of every position (``return_sampling_mask``), and the trainer computes its logprobs with
+    ``twinkle_async.rl.trainer_logprobs`` under the same processing; the report shows the mismatch on on-policy
+    tokens with the mask (~0) and what a trainer ignoring top-k/top-p would see (the log of the kept mass);
+  * a verifiable toy reward: 1 when the completion states the answer, partial credit (0.2-0.5) for a number by
+    how close it is, else 0.
 
 Both share this machine's CPU cores, so each side runs slower while the other is busy; the printed
 overlap is the fraction of wall time in which rollout and training were both running.
@@ -27,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import math
 import random
 import re
 import statistics
@@ -38,6 +46,7 @@ from typing import Any, Optional
 import torch
 
 import twinkle_async as ta
+from twinkle_async.rl import mismatch, trainer_logprobs
 
 ADAPTER = 'policy'
 _NUMBER = re.compile(r'-?\d+')
@@ -59,11 +68,12 @@ def make_problems(count: int, rng: random.Random) -> list[Problem]:
 
 
 def reward(text: str, answer: int) -> float:
-    """1 if the last number in the text (its final answer) is right, 0.2 for any other number, else 0."""
-    numbers = _NUMBER.findall(text)
+    """1 if the text states the answer, else partial credit for its last number by how close it is, 0 without a
+    number."""
+    numbers = [int(n) for n in _NUMBER.findall(text)]
     if not numbers:
         return 0.0
-    return 1.0 if int(numbers[-1]) == answer else 0.2
+    return 1.0 if answer in numbers else 0.2 + 0.3 / (1 + abs(numbers[-1] - answer))
 
 
 def group_advantages(rewards: list[float]) -> list[float]:
@@ -79,30 +89,45 @@ class Rollout:
 
     prompt_ids: list[int]
     tokens: list[int]
-    sampler_logprobs: list[float]  # under the weights that sampled each token
+    sampler_logprobs: list[float]  # under the weights that sampled each token (processed: see the docstring)
     versions: list[int]            # which weights sampled each token
     reward: float
+    sequence: ta.SampledSequence   # how its logprobs were computed, and its sampling mask
     advantage: float = 0.0
 
 
-async def sample_group(sampler: ta.AsyncSampler, problem: Problem, args: argparse.Namespace,
-                       seed: int) -> list[Rollout]:
-    # temperature 1: the sampler's logprobs are those of the distribution the tokens were drawn from
-    params = ta.SamplingParams(max_tokens=args.max_tokens, temperature=1.0, seed=seed, logprobs=0)
-    chat = {'messages': [{'role': 'user', 'content': problem.question}]}
-    response = await sampler.sample(chat, params, adapter_name=ADAPTER, num_samples=args.group_size)
+def chat_of(problem: Problem) -> dict:
+    return {'messages': [{'role': 'user', 'content': problem.question}]}
+
+
+def to_group(response: ta.SampleResponse, problem: Problem) -> list[Rollout]:
     group = [Rollout(response.prompt_token_ids, s.tokens, [row[0][1] for row in s.logprobs], s.weight_versions,
-                     reward(s.decoded, problem.answer)) for s in response.sequences]
+                     reward(s.decoded, problem.answer), s) for s in response.sequences]
     for rollout, advantage in zip(group, group_advantages([r.reward for r in group])):
         rollout.advantage = advantage
     return group
 
 
 async def sample_batch(sampler: ta.AsyncSampler, problems: list[Problem], args: argparse.Namespace,
-                       seed: int) -> list[list[Rollout]]:
-    """One group per problem, all in flight together (the engine batches them)."""
-    return list(await asyncio.gather(*(sample_group(sampler, p, args, seed + i * args.group_size)
-                                       for i, p in enumerate(problems))))
+                       seed: int) -> tuple[list[list[Rollout]], dict[str, int]]:
+    """``args.prompts_per_step`` groups whose rewards differ, sampled from ``problems`` (over-sampled) with
+    ``sample_groups``; what dynamic sampling did (groups submitted, rejected, aborted; tokens generated)."""
+    params = ta.SamplingParams(max_tokens=args.max_tokens, temperature=1.0, top_k=20, top_p=0.95, seed=seed,
+                               logprobs=0, return_sampling_mask=True)
+    by_prompt = {tuple(sampler.template.encode(chat_of(p))['input_ids']): p for p in problems}
+
+    def rewards_differ(response: ta.SampleResponse) -> bool:
+        problem = by_prompt[tuple(response.prompt_token_ids)]
+        return len({reward(s.decoded, problem.answer) for s in response.sequences}) > 1
+
+    before = sampler.metrics()
+    responses = await sampler.sample_groups([chat_of(p) for p in problems], params, num_samples=args.group_size,
+                                            accept=rewards_differ, target=args.prompts_per_step,
+                                            over_sample=args.over_sample, adapter_name=ADAPTER)
+    after = sampler.metrics()
+    dynamic = {key: after[key] - before[key] for key in ('rejected_groups', 'aborted_groups', 'generated_tokens')}
+    dynamic['accepted_groups'] = len(responses)
+    return [to_group(r, by_prompt[tuple(r.prompt_token_ids)]) for r in responses], dynamic
 
 
 # -- the trainer: a PEFT LoRA model, trained in a worker thread --
@@ -124,26 +149,33 @@ class Trainer:
         from peft import get_peft_model_state_dict
         return {name: t.detach().clone() for name, t in get_peft_model_state_dict(self.model).items()}
 
-    def train_step(self, batch: list[list[Rollout]]) -> dict[str, float]:
+    def train_step(self, batch: list[list[Rollout]], version: int) -> dict[str, Any]:
         """One optimizer step on every sampled token of the batch (one group per forward pass).
 
-        Returns the loss and the mean |log ratio| between trainer and sampler logprobs: about 0 for
-        tokens sampled with the trainer's current weights, larger the more off-policy the batch is.
+        Returns the loss, the mean |log ratio| between trainer and sampler logprobs (about 0 for tokens sampled
+        with the trainer's current weights, larger the more off-policy the batch is), and the mismatch on the
+        tokens sampled by ``version`` (the trainer's weights before this step) with and without the mask.
         """
         num_tokens = max(sum(len(r.tokens) for group in batch for r in group), 1)
         self.optimizer.zero_grad()
         loss_sum = log_ratio_sum = 0.0
+        pairs: dict[str, list[float]] = {'sampler': [], 'masked': [], 'unaware': []}
         for group in batch:
-            loss, log_ratio = self._group_loss(group)
+            loss, log_ratio = self._group_loss(group, version, pairs)
             (loss / num_tokens).backward()
             loss_sum += loss.item()
             log_ratio_sum += log_ratio
         self.optimizer.step()
-        return {'loss': loss_sum / num_tokens, 'log_ratio': log_ratio_sum / num_tokens}
+        figures: dict[str, Any] = {'loss': loss_sum / num_tokens, 'log_ratio': log_ratio_sum / num_tokens}
+        if pairs['sampler']:
+            figures['mismatch'] = mismatch(pairs['sampler'], pairs['masked'])
+            figures['mismatch_unaware'] = mismatch(pairs['sampler'], pairs['unaware'])
+        return figures
 
-    def _group_loss(self, group: list[Rollout]) -> tuple[torch.Tensor, float]:
+    def _group_loss(self, group: list[Rollout], version: int,
+                    pairs: dict[str, list[float]]) -> tuple[torch.Tensor, float]:
         """Sum over the tokens of the clipped policy-gradient loss (PPO-style ratio to the sampler's
-        logprobs), and the sum of |log ratio|."""
+        logprobs), and the sum of |log ratio|; ``pairs`` gets the on-policy tokens' logprobs."""
         prompt = len(group[0].prompt_ids)  # a group shares its prompt
         length = max(len(r.tokens) for r in group)
         ids = torch.zeros(len(group), prompt + length, dtype=torch.long)
@@ -157,7 +189,16 @@ class Trainer:
             old[i, :len(r.tokens)] = torch.tensor(r.sampler_logprobs)
         # logits at positions prompt-1 .. end-1 predict the completion tokens (the last position predicts nothing)
         logits = self.model(input_ids=ids, attention_mask=attention, logits_to_keep=length + 1).logits[:, :-1]
-        new = torch.log_softmax(logits, -1).gather(-1, ids[:, prompt:, None]).squeeze(-1)
+        new = torch.zeros(len(group), length)
+        for i, r in enumerate(group):  # the sampler's processing (temperature, top-k/top-p mask) on our logits
+            new[i, :len(r.tokens)] = trainer_logprobs(logits[i, :len(r.tokens)], r.tokens, r.sequence)
+            on_policy = [j for j, v in enumerate(r.versions) if v == version]
+            if on_policy:
+                with torch.no_grad():
+                    unaware = trainer_logprobs(logits[i, :len(r.tokens)], r.tokens, r.sequence, use_mask=False)
+                pairs['sampler'] += [r.sampler_logprobs[j] for j in on_policy]
+                pairs['masked'] += new[i, on_policy].tolist()
+                pairs['unaware'] += unaware[on_policy].tolist()
         log_ratio = (new - old) * mask
         ratio = torch.exp(log_ratio)
         advantage = torch.tensor([r.advantage for r in group])[:, None]
@@ -185,24 +226,24 @@ class Clock:
 
 
 async def timed_rollout(clock: Clock, sampler: ta.AsyncSampler, problems: list[Problem],
-                        args: argparse.Namespace, seed: int) -> list[list[Rollout]]:
+                        args: argparse.Namespace, seed: int) -> tuple[list[list[Rollout]], dict[str, int]]:
     begin = time.perf_counter()
     batch = await sample_batch(sampler, problems, args, seed)
     clock.rollout.append((begin, time.perf_counter()))
     return batch
 
 
-def timed_train(clock: Clock, trainer: Trainer, batch: list[list[Rollout]]) -> dict[str, float]:
+def timed_train(clock: Clock, trainer: Trainer, batch: list[list[Rollout]], version: int) -> dict[str, Any]:
     begin = time.perf_counter()
-    figures = trainer.train_step(batch)
+    figures = trainer.train_step(batch, version)
     clock.training.append((begin, time.perf_counter()))
     return figures
 
 
 async def train_and_sync(clock: Clock, trainer: Trainer, sampler: ta.AsyncSampler, batch: list[list[Rollout]],
-                         step: int) -> tuple[dict[str, float], int]:
+                         step: int) -> tuple[dict[str, Any], int]:
     """Train step ``step`` in a thread, then send the new LoRA weights to the sampler as version ``step``."""
-    figures = await asyncio.to_thread(timed_train, clock, trainer, batch)
+    figures = await asyncio.to_thread(timed_train, clock, trainer, batch, step - 1)
     version = await sampler.update_weights(trainer.lora_tensors(), adapter_name=ADAPTER, version=step)
     return figures, version
 
@@ -211,7 +252,7 @@ def batch_figures(batch: list[list[Rollout]], trainer_version: int) -> dict[str,
     """Mean reward, and how stale the batch's tokens are: the version lag behind the trainer's weights."""
     rollouts = [r for group in batch for r in group]
     lags = [trainer_version - v for r in rollouts for v in r.versions] or [0]
-    return {'reward': statistics.fmean(r.reward for r in rollouts), 'staleness': statistics.fmean(lags),
+    return {'reward': statistics.fmean([r.reward for r in rollouts] or [0.0]), 'staleness': statistics.fmean(lags),
             'max_staleness': max(lags), 'tokens': sum(len(r.tokens) for r in rollouts),
             'versioned_tokens': sum(len(r.versions) for r in rollouts),
             'token_versions': sorted({v for r in rollouts for v in r.versions})}
@@ -223,16 +264,17 @@ async def grpo(sampler: ta.AsyncSampler, trainer: Trainer, args: argparse.Namesp
     rng = random.Random(args.seed)
     clock = Clock(time.perf_counter(), [], [])
     await sampler.add_adapter(ADAPTER, trainer.lora_config, trainer.lora_tensors())  # served as version 0
-    batch = await timed_rollout(clock, sampler, make_problems(args.prompts_per_step, rng), args, args.seed)
+    candidates = math.ceil(args.prompts_per_step * args.over_sample) * 2  # problems offered to sample_groups
+    batch, dynamic = await timed_rollout(clock, sampler, make_problems(candidates, rng), args, args.seed)
     steps = []
     for step in range(1, args.steps + 1):
         step_start = time.perf_counter()
-        figures = batch_figures(batch, trainer_version=step - 1)
+        figures = {**batch_figures(batch, trainer_version=step - 1), **dynamic}
         training = train_and_sync(clock, trainer, sampler, batch, step)
         if step < args.steps:  # sample the next batch while this one trains
-            problems = make_problems(args.prompts_per_step, rng)
+            problems = make_problems(candidates, rng)
             rollout = timed_rollout(clock, sampler, problems, args, args.seed + 1000 * step)
-            (train_figures, version), batch = await asyncio.gather(training, rollout)
+            (train_figures, version), (batch, dynamic) = await asyncio.gather(training, rollout)
         else:
             train_figures, version = await training
         steps.append({'step': step, 'version': version, **figures, **train_figures,
@@ -254,6 +296,11 @@ def print_step(s: dict) -> None:
     print(f"step {s['step']:>3}  reward {s['reward']:.3f}  loss {s['loss']:+.4f}  |log ratio| {s['log_ratio']:.1e}  "
           f"staleness {s['staleness']:.2f} (max {s['max_staleness']}, token versions {s['token_versions']})  "
           f"train {s['train_s']:.1f} s  rollout {s['rollout_s']:.1f} s  step {s['step_s']:.1f} s", flush=True)
+    print(f"         sample_groups: {s['accepted_groups']} groups with differing rewards kept, {s['rejected_groups']} "
+          f"rejected, {s['aborted_groups']} aborted when the target was met ({s['generated_tokens']} tokens generated)")
+    if 'mismatch' in s:
+        print(f"         mismatch on on-policy tokens, trainer_logprobs with the mask: {s['mismatch']}")
+        print(f"         ... ignoring top-k/top-p (plain log-softmax at the temperature): {s['mismatch_unaware']}")
 
 
 # -- entry points --
@@ -266,6 +313,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument('--lr', type=float, default=5e-4)
     parser.add_argument('--lora-rank', type=int, default=8)
     parser.add_argument('--clip', type=float, default=0.2, help='PPO clip range of the importance ratio')
+    parser.add_argument('--over-sample', type=float, default=1.5,
+                        help='sample_groups runs this many times the groups it needs at once')
     parser.add_argument('--seed', type=int, default=0)
     parser.add_argument('--engine', choices=['torch', 'vllm'], default='torch')
     parser.add_argument('--model', default=ta.DEFAULT_MODEL, help='model id or local HF directory')
@@ -275,8 +324,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
 async def amain(argv: Optional[list[str]] = None) -> dict:
     """Run the loop and return its figures (for tests and notebooks: ``await amain([...])``)."""
     args = parse_args(argv)
-    engine_args: dict[str, Any] = {'max_model_len': 1024,
-                                   'max_num_seqs': max(args.prompts_per_step * args.group_size, 2)}
+    width = math.ceil(args.prompts_per_step * args.over_sample)
+    engine_args: dict[str, Any] = {'max_model_len': 1024, 'max_num_seqs': max(width * args.group_size, 2),
+                                   'logprobs_mode': 'processed_logprobs'}
     async with ta.AsyncSampler(args.model, engine=args.engine, engine_args=engine_args) as sampler:
         trainer = await asyncio.to_thread(Trainer, str(sampler.model_dir), args.lora_rank, args.lr, args.clip,
                                           args.seed)

@@ -67,6 +67,19 @@ async def test_wait_returns_once_requests_in_flight_have_finished(pausable):
     assert len((await within(late)).sequences[0].tokens) == 8
 
 
+async def test_wait_also_drains_requests_queued_behind_a_full_batch(pausable):
+    """Two more requests than the engine has sequence slots: the last ones are queued, not yet scheduled, when
+    pause('wait') comes; they are in flight too, so they finish before it returns (vLLM's own 'wait' would hold
+    them until resume)."""
+    slots = pausable.engine_args['max_num_seqs']
+    tasks = [asyncio.create_task(pausable.sample({'input_ids': [5, i]}, {**SHORT, 'max_tokens': 24}))
+             for i in range(slots + 2)]
+    await within(counters_when(pausable, lambda s: s.running + s.waiting == slots + 2))
+    await within(pausable.pause('wait'))
+    assert all(task.done() for task in tasks), 'every request in flight finished before wait returned'
+    assert [len(t.result().sequences[0].tokens) for t in tasks] == [24] * (slots + 2)
+
+
 async def test_keep_then_resume_without_an_update_changes_nothing(pausable):
     expected = (await within(pausable.sample({'input_ids': [11, 12, 13]}, LONG))).sequences[0]
     task, deltas = await start_stream(pausable, {'input_ids': [11, 12, 13]}, LONG)

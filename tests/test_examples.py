@@ -78,6 +78,9 @@ async def test_async_grpo_runs_steps_syncs_versions_and_overlaps(default_model_d
     first = report['steps'][0]
     assert first['token_versions'] == [0] and first['staleness'] == 0
     assert first['log_ratio'] < 1e-3  # on-policy: sampler and trainer give the same logprobs
+    for step in report['steps']:  # sample_groups kept groups whose rewards differ; the mismatch report
+        assert step['accepted_groups'] == 2 and step['generated_tokens'] >= step['tokens']
+        assert step['mismatch'].max_abs < 1e-3 < step['mismatch_unaware'].max_abs
 
 
 @pytest.mark.parametrize('engine', ['torch', pytest.param('vllm', marks=pytest.mark.slow)])  # vLLM starts in 20-80 s

@@ -95,6 +95,7 @@ def test_cancelled_remote_streams_and_calls_leave_no_request_behind(remote):
     assert sum(s.aborted for s in status(remote)) - aborted_before == 8 + 4, 'each one was aborted, not finished'
 
 
+@pytest.mark.parametrize('remote', ['torch'], indirect=True)  # replica faults are the ReplicaEngine's, not the engine's
 @pytest.mark.parametrize('retry', [True, False])
 def test_a_killed_replica_fails_or_retries_and_comes_back_with_the_current_weights(remote, lora_dirs,
                                                                                    tiny_model_dir, retry):

@@ -8,8 +8,9 @@ import pytest
 import pytest_asyncio
 import torch
 
-from twinkle_async import AsyncSampler, SamplingParams
-from twinkle_async.errors import InvalidRequestError, InvalidSamplingParamsError
+from twinkle_async import AsyncSampler, SampledSequence, SamplingParams
+from twinkle_async.errors import InvalidRequestError, InvalidSamplingParamsError, NotSupportedError
+from twinkle_async.rl import mismatch, sampler_logprobs, trainer_logprobs
 
 from conftest import TINY_ENGINE_ARGS, chat, within
 
@@ -127,6 +128,55 @@ async def test_processed_logprobs_equal_a_hand_computation_on_both_engines_and_a
         first_rows[engine] = sequence.logprobs[0][1:]
     assert [t for t, _ in first_rows['torch']] == [t for t, _ in first_rows['vllm']]
     assert max(abs(a[1] - b[1]) for a, b in zip(first_rows['torch'], first_rows['vllm'])) < 1e-4
+
+
+RL = SamplingParams(max_tokens=12, temperature=0.7, top_k=20, top_p=0.9, seed=11, logprobs=0, ignore_eos=True,
+                   return_sampling_mask=True)
+
+
+async def test_the_logprob_contract_replayed_by_a_trainer_on_both_engines(processed_samplers, hf_tiny):
+    """Each engine's processed logprobs = ``trainer_logprobs`` of a full forward under the same temperature and
+    mask (torch 1e-5, vLLM 1e-4: so the engines agree within 1e-4); the mask holds the sampled token and equals a
+    hand computation of top-k/top-p; ignoring the mask is off by exactly the log of the kept mass."""
+    model, _ = hf_tiny
+    prompt = processed_samplers['torch'].template.encode(chat('import os\nimport'))['input_ids']
+    for engine, sampler in processed_samplers.items():
+        sequence = (await within(sampler.sample({'input_ids': prompt}, RL))).sequences[0]
+        assert (sequence.logprobs_mode, sequence.temperature, sequence.top_k, sequence.top_p) == \
+            ('processed_logprobs', 0.7, 20, 0.9)
+        with torch.no_grad():
+            logits = model(torch.tensor([prompt + sequence.tokens])).logits[0, len(prompt) - 1:-1].float()
+        hand = hand_processed(logits, 0.7, 20, 0.9)
+        assert sequence.sampling_mask == [torch.isfinite(row).nonzero().flatten().tolist() for row in hand]
+        assert all(token in kept for token, kept in zip(sequence.tokens, sequence.sampling_mask))
+        assert any(len(kept) < 20 for kept in sequence.sampling_mask), 'top-p cut inside the top 20 somewhere'
+        replayed = trainer_logprobs(logits, sequence.tokens, sequence)
+        assert mismatch(sequence, replayed).max_abs < TOLERANCE[engine]
+        unaware = trainer_logprobs(logits, sequence.tokens, sequence, use_mask=False)
+        kept_mass = torch.stack([torch.softmax(logits[j] / 0.7, dim=-1)[kept].sum()
+                                 for j, kept in enumerate(sequence.sampling_mask)])
+        off = unaware - torch.tensor(sampler_logprobs(sequence))
+        assert torch.allclose(off, kept_mass.log(), atol=TOLERANCE[engine]), 'off by exactly log(kept mass)'
+        assert mismatch(sequence, unaware).mean_kl > 0 and bool((kept_mass < 0.999).any())
+
+
+async def test_a_vllm_mask_it_cannot_read_is_refused_naming_what_to_set(vllm_sampler, processed_samplers):
+    with pytest.raises(NotSupportedError, match="'logprobs_mode': 'processed_logprobs'"):
+        await within(vllm_sampler.sample({'input_ids': [5, 6]}, RL))  # the session's engine has raw logprobs
+    with pytest.raises(NotSupportedError, match="top_k between 1 and the engine's max_logprobs=20"):
+        await within(processed_samplers['vllm'].sample({'input_ids': [5, 6]}, {**RL.model_dump(), 'top_k': -1}))
+    greedy = await within(processed_samplers['vllm'].sample({'input_ids': [5, 6]}, {**RL.model_dump(),
+                                                                                     'temperature': 0}))
+    assert greedy.sequences[0].sampling_mask == [[t] for t in greedy.sequences[0].tokens]
+
+
+def test_trainer_logprobs_refuses_a_mask_the_sequence_does_not_have():
+    sequence = SampledSequence(stop_reason='length', tokens=[1, 2], logprobs_mode='processed_logprobs',
+                               temperature=0.7, top_k=20, top_p=0.9)
+    with pytest.raises(InvalidRequestError, match='return_sampling_mask=True'):
+        trainer_logprobs(torch.zeros(2, 8), [1, 2], sequence)
+    with pytest.raises(InvalidRequestError, match=r'logits must be \[T, V\] with T = 2'):
+        trainer_logprobs(torch.zeros(3, 8), [1, 2], sequence, use_mask=False)
 
 
 def _tied(row: torch.Tensor, k: int) -> bool:

@@ -7,23 +7,12 @@ import pytest
 from twinkle_async import AsyncSampler
 from twinkle_async.errors import EngineArgsError
 
-from conftest import chat, within
+from conftest import within
 
 
 async def test_unknown_engine_arg_is_named(tiny_model_dir):
     with pytest.raises(EngineArgsError, match='max_num_seq_typo'):
         await within(AsyncSampler(str(tiny_model_dir), engine='vllm', engine_args={'max_num_seq_typo': 2}).start())
-
-
-@pytest.mark.slow
-async def test_tensor_parallel_2_on_cpu_matches_tp_1(tiny_model_dir, vllm_sampler):
-    prompts = [chat(p) for p in ('def main():', 'import os', 'class A:')]
-    params = {'max_tokens': 16, 'temperature': 0, 'ignore_eos': True}
-    expected = await within(vllm_sampler.sample(prompts, params))
-    engine_args = {'max_model_len': 256, 'max_num_seqs': 8, 'tensor_parallel_size': 2}
-    async with AsyncSampler(str(tiny_model_dir), engine='vllm', engine_args=engine_args) as tp2:
-        got = await within(tp2.sample(prompts, params))
-    assert [r.sequences[0].tokens for r in got] == [r.sequences[0].tokens for r in expected]
 
 
 async def test_burst_of_seeded_n4_requests_with_long_prompts_keeps_the_engine_alive(vllm_sampler):

@@ -1,5 +1,6 @@
-"""vLLM tensor parallel inside one Ray replica on CPU: a group of one 2-CPU worker, ``tp_size=2``; the replica's
-engine runs two tensor-parallel worker processes and gives the greedy tokens of the tp=1 engine."""
+"""vLLM tensor parallel inside one Ray replica on CPU (the suite's only tp=2 engine): a group of one 2-CPU worker,
+``tp_size=2``; the replica's engine runs two tensor-parallel worker processes and gives the greedy tokens of the
+tp=1 engine."""
 
 from __future__ import annotations
 
@@ -9,12 +10,12 @@ import pytest_asyncio
 
 from twinkle_async import AsyncSampler, DeviceMesh
 
-from conftest import TINY_ENGINE_ARGS, local_ray_cluster, within
+from conftest import TINY_ENGINE_ARGS, chat, local_ray_cluster, within
 
 pytestmark = pytest.mark.slow
 
 GREEDY = {'max_tokens': 12, 'temperature': 0, 'ignore_eos': True}
-PROMPTS = [{'input_ids': [5, 6, 7]}, {'input_ids': [9, 10, 11, 12]}, {'input_ids': [300, 301]}]
+PROMPTS = [chat(p) for p in ('def main():', 'import os', 'class A:')] + [{'input_ids': [5, 6, 7]}]
 
 
 @pytest.fixture(scope='module')
@@ -32,22 +33,22 @@ async def tp2(cluster, tiny_model_dir):
     await sampler.close()
 
 
-def tensor_parallel_ranks_in_replicas() -> set[str]:
-    """Names of the vLLM worker processes running under a replica actor."""
-    names = set()
-    for process in psutil.process_iter(['name']):
+def tensor_parallel_ranks(pid: int) -> list[str]:
+    """The vLLM tensor-parallel worker processes under process ``pid`` (their titles: ``VLLM::Worker_TP<rank>``)."""
+    titles = []
+    for process in psutil.Process(pid).children(recursive=True):
         try:
-            if process.info['name'].startswith('VLLM::Worker_TP') and \
-                    any(parent.name() == 'ray::EngineActor' for parent in process.parents()):
-                names.add(process.info['name'])
+            title = ' '.join(process.cmdline()) or process.name()
         except psutil.Error:
             continue
-    return names
+        titles += [word for word in title.split() if word.startswith('VLLM::Worker_TP')]
+    return sorted(titles)
 
 
 async def test_tp2_in_one_ray_replica_gives_the_greedy_tokens_of_tp1(tp2, vllm_sampler):
     assert tp2.engine_args['tensor_parallel_size'] == 2
-    assert tensor_parallel_ranks_in_replicas() == {'VLLM::Worker_TP0', 'VLLM::Worker_TP1'}
+    (replica,) = await within(tp2.engine.replica_status())
+    assert tensor_parallel_ranks(replica.pid) == ['VLLM::Worker_TP0', 'VLLM::Worker_TP1']
     sharded = await within(tp2.sample(PROMPTS, GREEDY))
     whole = await within(vllm_sampler.sample(PROMPTS, GREEDY))
     assert [r.sequences[0].tokens for r in sharded] == [r.sequences[0].tokens for r in whole]

@@ -198,6 +198,9 @@ async def test_metrics_count_requests_and_tokens_and_show_the_weight_version(ser
     assert metric(after, 'twinkle_async_weight_version') == served.sampler.weight_version
     assert metric(after, 'twinkle_async_requests_in_flight') == 0
     assert 'twinkle_async_request_latency_seconds_bucket' in after and 'twinkle_async_kv_cache_usage' in after
+    returned = 'twinkle_async_rollouts{counter="returned_tokens"}'  # the sampler's rollout counters, shared
+    assert metric(after, returned) - metric(before, returned) == 12
+    assert metric(after, 'twinkle_async_rollouts{counter="max_staleness_returned"}') == 0
 
 
 async def test_a_per_session_base_url_groups_calls_like_the_header(served):

@@ -27,6 +27,14 @@ class SampledSequence(BaseModel):
     for token-in/token-out multi-turn use and training.
     ``weight_versions[i]`` is the version of the weights that sampled ``tokens[i]`` (two versions
     appear when a rollout was kept across a weight update).
+
+    The logprob contract: ``logprobs_mode`` says how ``logprobs`` were computed — ``'raw_logprobs'``, the model's
+    log-softmax, or ``'processed_logprobs'``, that of the distribution the token was drawn from (after the
+    repetition penalty, ``temperature``, ``top_k`` and ``top_p``, renormalised over the kept tokens) — and
+    ``temperature`` / ``top_k`` / ``top_p`` are the effective settings (0 / -1 / 1.0 when off; greedy is
+    temperature 0). With ``return_sampling_mask``, ``sampling_mask[i]`` holds the sorted ids the sampler could
+    have drawn at position ``i`` (the kept set; ``[tokens[i]]`` when greedy); ``twinkle_async.rl`` recomputes a
+    trainer's logprobs under the same processing and mask.
     """
 
     model_config = ConfigDict(extra='forbid')
@@ -37,6 +45,11 @@ class SampledSequence(BaseModel):
     decoded: Optional[str] = None
     new_input_feature: Optional[dict[str, Any]] = None
     weight_versions: Optional[list[int]] = None
+    logprobs_mode: Optional[Literal['raw_logprobs', 'processed_logprobs']] = None
+    temperature: Optional[float] = None
+    top_k: Optional[int] = None
+    top_p: Optional[float] = None
+    sampling_mask: Optional[list[list[int]]] = None
 
 
 class SampleResponse(BaseModel):
@@ -65,6 +78,7 @@ class TokenDelta:
         text: new decoded text (never a broken multi-byte character).
         finish_reason: set on the sample's last delta: 'stop', 'length' or 'abort'.
         weight_version: the version of the weights that sampled these tokens.
+        sampling_mask: with ``return_sampling_mask``, per new token the ids it could have been drawn from.
     """
 
     index: int
@@ -73,3 +87,4 @@ class TokenDelta:
     text: str = ''
     finish_reason: Optional[StopReason] = None
     weight_version: int = 0
+    sampling_mask: Optional[list[list[int]]] = None

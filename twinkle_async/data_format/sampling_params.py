@@ -44,6 +44,9 @@ class SamplingParams(BaseModel):
     prompt_logprobs: int | None = Field(default=None, ge=0, description='like logprobs, for the prompt tokens')
     num_samples: int = Field(default=1, ge=1, description='completions per input')
     ignore_eos: bool = Field(default=False, description='keep generating past the end-of-sequence token')
+    return_sampling_mask: bool = Field(
+        default=False, description='per generated token, the sorted ids the sampler could have drawn after '
+        'top-k/top-p (SampledSequence.sampling_mask): what a trainer renormalises over to match the sampler')
 
     def __init__(self, **data: Any) -> None:
         try:

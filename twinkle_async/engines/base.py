@@ -54,6 +54,7 @@ class EngineOutput:
 
     ``prompt_logprobs`` rows (``(prompt_token, logprob)`` then top-k; ``None`` for position 0) come
     once per request, on its first output. ``weight_version`` is the version that sampled ``token_ids``.
+    ``sampling_masks`` (with ``return_sampling_mask``): per token, the sorted ids it could have been drawn from.
     """
 
     request_id: str
@@ -64,6 +65,7 @@ class EngineOutput:
     finish_reason: Optional[StopReason] = None
     prompt_logprobs: Optional[list[Optional[LogprobRow]]] = None
     weight_version: int = 0
+    sampling_masks: Optional[list[list[int]]] = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,6 +101,7 @@ class Engine(Protocol):
     vocab_size: int
     max_model_len: int
     max_logprobs: int
+    logprobs_mode: LogprobsMode
     tokenizer: Any
 
     def generate(self, request: EngineRequest) -> AsyncGenerator[EngineOutput, None]:

@@ -16,6 +16,7 @@ from twinkle_async.engines.base import (
     EngineOutput,
     EngineRequest,
     EngineStats,
+    LogprobsMode,
     PauseMode,
     apply_update,
 )
@@ -37,6 +38,7 @@ class EngineInfo:
     vocab_size: int
     max_model_len: int
     max_logprobs: int
+    logprobs_mode: LogprobsMode
     pid: int
 
 
@@ -59,7 +61,9 @@ class EngineActor:
         if self._engine is None:
             model_dir = await asyncio.to_thread(resolve_model, self.model_id)
             self._engine = await create_engine(self.kind, model_dir, self.engine_args)
-        return EngineInfo(self.engine.vocab_size, self.engine.max_model_len, self.engine.max_logprobs, os.getpid())
+        engine = self.engine
+        return EngineInfo(engine.vocab_size, engine.max_model_len, engine.max_logprobs, engine.logprobs_mode,
+                          os.getpid())
 
     async def generate(self, request: EngineRequest, coalesce_s: float) -> AsyncIterator[list[EngineOutput]]:
         """The request's outputs in lists: whatever arrived within ``coalesce_s`` of the first one travels as one
@@ -104,9 +108,10 @@ class EngineActor:
     async def stats(self) -> EngineStats:
         return await self.engine.stats()
 
-    async def status(self) -> tuple[EngineStats, int, int, list[str]]:
-        """The engine's counters, requests served, the weight version and the adapters loaded."""
-        return await self.engine.stats(), self.served, self.engine.weight_version, list(self.engine.adapters)
+    async def status(self) -> tuple[EngineStats, int, int, list[str], int]:
+        """The engine's counters, requests served, the weight version, the adapters loaded and this process's id."""
+        engine = self.engine
+        return await engine.stats(), self.served, engine.weight_version, list(engine.adapters), os.getpid()
 
     async def add_adapter(self, spec: AdapterSpec) -> None:
         await self.engine.add_adapter(spec)

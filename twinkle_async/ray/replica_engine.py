@@ -13,13 +13,15 @@ import asyncio
 import contextlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, AsyncGenerator, AsyncIterator, Mapping, Optional
+from typing import Any, AsyncGenerator, Mapping, Optional
 
 from twinkle_async.adapters import AdapterSpec
 from twinkle_async.engines.base import CacheKind, EngineOutput, EngineRequest, EngineStats, PauseMode
+from twinkle_async.engines.pending import PendingIds
 from twinkle_async.errors import ConfigurationError, ReplicaDiedError, WeightUpdateError
 from twinkle_async.mesh import DeviceMesh
 from twinkle_async.ray.cluster import ReservedGroup, reserved_group
+from twinkle_async.ray.engine_actor import EngineInfo
 from twinkle_async.ray.replicas import Op, ReplicaSet, ReplicaStatus
 from twinkle_async.transfer.receiver import StreamedWeights
 from twinkle_async.weights import NamedTensors, named_tensors, stage_update
@@ -59,14 +61,15 @@ class ReplicaEngine:
     yielded).
     """
 
-    def __init__(self, replicas: ReplicaSet, tokenizer: Any, vocab_size: int, max_model_len: int, max_logprobs: int,
-                 layout: ReplicaLayout) -> None:
+    def __init__(self, replicas: ReplicaSet, tokenizer: Any, info: EngineInfo, layout: ReplicaLayout) -> None:
         self.replicas, self.tokenizer, self.layout = replicas, tokenizer, layout
         self.retry = layout.retry
-        self.vocab_size, self.max_model_len, self.max_logprobs = vocab_size, max_model_len, max_logprobs
+        self.vocab_size, self.max_model_len, self.max_logprobs = info.vocab_size, info.max_model_len, info.max_logprobs
+        self.logprobs_mode = info.logprobs_mode
         self._version = 0
         self._adapters: list[str] = []
         self._placed: dict[str, int] = {}  # request id -> the replica serving it
+        self._in_flight = PendingIds()  # requests whose outputs have not all come back
         self._staged: Optional[tuple[Any, str, frozenset[str]]] = None
 
     @classmethod
@@ -80,8 +83,7 @@ class ReplicaEngine:
         replicas = ReplicaSet(layout.group, layout.mesh, (model_id, kind, dict(engine_args)))
         trust = bool(engine_args.get('trust_remote_code', False))
         tokenizer, infos = await asyncio.gather(asyncio.to_thread(_load_tokenizer, model_dir, trust), replicas.start())
-        first = infos[0]
-        return cls(replicas, tokenizer, first.vocab_size, first.max_model_len, first.max_logprobs, layout)
+        return cls(replicas, tokenizer, infos[0], layout)
 
     # -- requests --
     async def generate(self, request: EngineRequest) -> AsyncGenerator[EngineOutput, None]:
@@ -91,15 +93,26 @@ class ReplicaEngine:
             ReplicaDiedError: its replica died (``resendable`` when ``retry`` is on and outputs had come back).
         """
         work = request.params.num_samples
+        self._in_flight.add(request.request_id)
+        try:
+            async with contextlib.aclosing(self._outputs(request, work)) as outputs:
+                async for output in outputs:
+                    yield output
+        finally:
+            self._in_flight.discard(request.request_id)
+
+    async def _outputs(self, request: EngineRequest, work: int) -> AsyncGenerator[EngineOutput, None]:
+        """``request``'s outputs from a routed replica, resent once more when its replica died first (``retry``)."""
         while True:
             index = await self.replicas.route(work, request.session_id)
             self._placed[request.request_id] = index
             received = False
             try:
-                async for outputs in self._remote_outputs(index, request):
-                    received = True
-                    for output in outputs:
-                        yield output
+                async with contextlib.aclosing(self._remote_outputs(index, request)) as batches:
+                    async for outputs in batches:
+                        received = True
+                        for output in outputs:
+                            yield output
                 return
             except ReplicaDiedError as exc:
                 if not self.retry or received:
@@ -109,7 +122,7 @@ class ReplicaEngine:
                 del self._placed[request.request_id]
                 self.replicas.router.done(index, work)
 
-    async def _remote_outputs(self, index: int, request: EngineRequest) -> AsyncIterator[list[EngineOutput]]:
+    async def _remote_outputs(self, index: int, request: EngineRequest) -> AsyncGenerator[list[EngineOutput], None]:
         import ray
         from ray.exceptions import RayActorError
 
@@ -211,8 +224,12 @@ class ReplicaEngine:
             await self.replicas.discard()
 
     async def pause(self, mode: PauseMode) -> None:
+        """Every replica's; 'wait' returns once the outputs of the requests in flight have all come back here."""
+        in_flight = set(self._in_flight.ids)
         await self.replicas.broadcast(Op('pause', (mode,)))
         self.replicas.paused = mode
+        if mode == 'wait':
+            await self._in_flight.gone(in_flight)
 
     async def resume(self) -> None:
         await self.replicas.broadcast(Op('resume', ()))

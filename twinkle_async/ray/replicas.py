@@ -23,7 +23,7 @@ __all__ = ['ReplicaSet', 'ReplicaStatus', 'Op']
 @dataclass(frozen=True)
 class ReplicaStatus:
     """One replica as it reports itself: engine counters (``aborted`` counts since the replica last started),
-    requests served, weight version, adapters."""
+    requests served, weight version, adapters, and the process id of its actor."""
 
     index: int
     waiting: int
@@ -33,6 +33,7 @@ class ReplicaStatus:
     weight_version: int
     adapters: list[str]
     aborted: int
+    pid: int
 
 
 @dataclass(frozen=True)
@@ -178,9 +179,9 @@ class ReplicaSet:
     async def status(self) -> list[ReplicaStatus]:
         statuses = []
         for index in self.live:
-            stats, served, version, adapters = await self.call(index, 'status')
+            stats, served, version, adapters, pid = await self.call(index, 'status')
             statuses.append(ReplicaStatus(index, stats.waiting, stats.running, stats.used_slots, served, version,
-                                          adapters, stats.aborted))
+                                          adapters, stats.aborted, pid))
         return statuses
 
     async def _launch(self, index: int) -> tuple[Any, EngineInfo]:

@@ -36,8 +36,10 @@ from twinkle_async.multimodal.processing import ImageProcessor, load_image_proce
 from twinkle_async.ray.replica_engine import ReplicaEngine, ReplicaLayout
 from twinkle_async.sampler.adapter_paths import AdapterPaths
 from twinkle_async.sampler.admission import Admission
+from twinkle_async.sampler.groups import Accept, sample_groups
 from twinkle_async.sampler.requests import ParamsLike, as_items, coerce_params, encode_input, resolve_params
-from twinkle_async.sampler.responses import ResponseBuilder, empty_response, to_delta
+from twinkle_async.sampler.responses import LogprobContract, ResponseBuilder, empty_response, to_delta
+from twinkle_async.sampler.rollouts import Rollouts
 from twinkle_async.template import Template, TemplateSpec, build_template
 from twinkle_async.transfer import StreamedWeights, WeightChannel
 from twinkle_async.weights import NamedTensors, next_version
@@ -66,6 +68,8 @@ class AsyncSampler:
         retry: with ``remote_group``, sample a request again when its replica dies (streams only before their
             first token); else it fails with :class:`ReplicaDiedError`.
         coalesce_s: with ``remote_group``, how long a replica gathers a request's outputs into one Ray item.
+        max_staleness: no returned token is more than this many weight versions older than the version current
+            when it is returned (``None``: no bound); see ``twinkle_async.sampler.rollouts`` and ``docs/rl.md``.
 
     Use as ``async with AsyncSampler(...) as sampler:`` (or ``await start()`` / ``await close()``).
     Any number of tasks may sample concurrently; the engine batches them together.
@@ -74,9 +78,11 @@ class AsyncSampler:
     def __init__(self, model_id: str = DEFAULT_MODEL, engine: str = 'torch',
                  engine_args: Optional[Mapping[str, Any]] = None, template: Optional[TemplateSpec] = None, *,
                  device_mesh: Optional[DeviceMesh] = None, remote_group: Optional[str] = None,
-                 max_pending_requests: Optional[int] = None, retry: bool = False, coalesce_s: float = 0.005) -> None:
+                 max_pending_requests: Optional[int] = None, retry: bool = False, coalesce_s: float = 0.005,
+                 max_staleness: Optional[int] = None) -> None:
         check_local_mesh(device_mesh, remote_group)
         self.admission = Admission(max_pending_requests)
+        self.rollouts = Rollouts(max_staleness)
         if engine not in ENGINE_KINDS:
             raise ConfigurationError(f'unknown engine {engine!r}; choose one of {ENGINE_KINDS}')
         self.model_id = model_id
@@ -233,7 +239,11 @@ class AsyncSampler:
             return
         async with contextlib.aclosing(self._generate(request, timeout)) as outputs:
             async for output in outputs:
+                self.rollouts.returned([output.weight_version] * len(output.token_ids), self.engine.weight_version)
                 yield to_delta(output)
+        if request.request_id in self.rollouts.marked:
+            self.rollouts.marked.discard(request.request_id)
+            self.rollouts.counts.dropped += request.params.num_samples
 
     # -- adapters --
     async def add_adapter(self, name: str, source: AdapterSource,
@@ -302,6 +312,8 @@ class AsyncSampler:
             self._check_adapter(adapter_name or BASE_MODEL)
             new_version = next_version(self.engine.weight_version, version)
             await apply_update(self.engine, weights, adapter_name or BASE_MODEL, new_version)
+            for request_id in self.rollouts.stale_requests(new_version):
+                await self.engine.abort(request_id)
             return new_version
 
     async def open_weight_channel(self, host: str = '127.0.0.1', port: int = 0, timeout_s: float = 300.0) -> str:
@@ -322,6 +334,30 @@ class AsyncSampler:
     async def _apply_streamed(self, weights: StreamedWeights, adapter_name: Optional[str],
                               version: Optional[int]) -> int:
         return await self.update_weights(weights, adapter_name=adapter_name, version=version)
+
+    def metrics(self) -> dict[str, Any]:
+        """Rollout counters (see :class:`~twinkle_async.sampler.rollouts.RolloutMetrics`): tokens generated and
+        returned, the staleness of returned tokens, samples restarted or dropped for ``max_staleness``, groups
+        aborted or rejected by :meth:`sample_groups`, and the oldest token versions of the requests in flight."""
+        return self.rollouts.snapshot()
+
+    async def sample_groups(self, prompts: Sequence[InputLike], sampling_params: ParamsLike = None, *,
+                            num_samples: int, accept: Accept, target: int, over_sample: float = 1.5,
+                            adapter_name: str = '', timeout: Optional[float] = None) -> list[SampleResponse]:
+        """DAPO-style dynamic sampling: sample groups (one prompt x ``num_samples``) until ``target`` are accepted.
+
+        ``ceil(target * over_sample)`` groups run at once, taken from ``prompts`` in order; each finished group's
+        ``SampleResponse`` goes to ``accept`` (sync or async; e.g. "the rewards are not all equal"); a rejected
+        group's place goes to the next prompt. Once ``target`` groups are accepted, every group still running is
+        aborted in the engine and the accepted ones are returned, in the order they were accepted (fewer when the
+        prompts run out first). Counters: ``metrics()['aborted_groups']``, ``['rejected_groups']``.
+
+        Raises:
+            InvalidRequestError: ``target`` < 1 or ``over_sample`` < 1. Errors of a group or of ``accept`` (the
+                other groups are aborted first).
+        """
+        return await sample_groups(self, prompts, coerce_params(sampling_params, num_samples), accept, target,
+                                   over_sample, adapter_name, timeout)
 
     # -- pausing --
     async def pause(self, mode: PauseMode = 'abort') -> None:
@@ -398,15 +434,21 @@ class AsyncSampler:
             if request is None:
                 return empty_response()
             builder = ResponseBuilder(request.prompt_token_ids, request.params.num_samples,
-                                      params.logprobs is not None)
+                                      params.logprobs is not None,
+                                      LogprobContract.of(self.engine.logprobs_mode, request.params),
+                                      params.return_sampling_mask)
             try:
                 async with contextlib.aclosing(self._generate(request, timeout)) as outputs:
                     async for output in outputs:
                         builder.add(output)
-                break
             except ReplicaDiedError as exc:
                 if not exc.resendable:
                     raise
+                continue
+            newest = self.engine.weight_version
+            if not self.rollouts.sample_again(request.request_id, builder.versions, newest, len(builder.versions)):
+                self.rollouts.returned([v for sample in builder.versions for v in sample], newest)
+                break
         if params.scoring:
             return builder.scored(params.num_samples, feature)
         template = self.template
@@ -415,10 +457,15 @@ class AsyncSampler:
     async def _generate(self, request: EngineRequest, timeout: Optional[float]) -> AsyncGenerator[EngineOutput, None]:
         """The engine's outputs for ``request`` while it holds an admission place; closing this generator early
         (or the timeout) aborts the request."""
+        await self.rollouts.wait_to_start(lambda: self.engine.weight_version)
         with self.admission.admit(self.engine, request, timeout):
-            async with contextlib.aclosing(self.engine.generate(request)) as outputs:
-                async for output in outputs:
-                    yield output
+            try:
+                async with contextlib.aclosing(self.engine.generate(request)) as outputs:
+                    async for output in outputs:
+                        self.rollouts.observe(request.request_id, len(output.token_ids), output.weight_version)
+                        yield output
+            finally:
+                await self.rollouts.release(request.request_id)
 
     def _request(self, item: InputLike, params: Any, adapter_name: str,
                  session_id: Optional[str] = None) -> tuple[Any, Optional[EngineRequest]]:

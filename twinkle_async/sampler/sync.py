@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import weakref
-from typing import Any, Iterator, Mapping, Optional, Type, Union
+from typing import Any, Iterator, Mapping, Optional, Sequence, Type, Union
 
 from twinkle_async.adapters import AdapterSource
 from twinkle_async.data_format.outputs import SampleResponse, TokenDelta
@@ -93,6 +93,17 @@ class BlockingSampler(Sampler):
         """See :meth:`AsyncSampler.update_weights`."""
         return self._portal.call(self.async_sampler.update_weights, weights, adapter_name=adapter_name,
                                  version=version)
+
+    def sample_groups(self, prompts: Sequence[Mapping[str, Any]], sampling_params: ParamsLike = None, *,
+                      num_samples: int, accept: Any, target: int, over_sample: float = 1.5,
+                      adapter_name: str = '') -> list[SampleResponse]:
+        """See :meth:`AsyncSampler.sample_groups` (``accept`` runs on the portal's event loop)."""
+        return self._portal.call(self.async_sampler.sample_groups, prompts, sampling_params, num_samples=num_samples,
+                                 accept=accept, target=target, over_sample=over_sample, adapter_name=adapter_name)
+
+    def metrics(self) -> dict[str, Any]:
+        """See :meth:`AsyncSampler.metrics`."""
+        return self.async_sampler.metrics()
 
     def open_weight_channel(self, host: str = '127.0.0.1', port: int = 0) -> str:
         """See :meth:`AsyncSampler.open_weight_channel` (updates are applied on the portal's event loop)."""

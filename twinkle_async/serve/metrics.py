@@ -31,6 +31,11 @@ class GatewayMetrics:
                                  buckets=_LATENCY_BUCKETS, registry=self.registry)
         self.kv_usage = Gauge(prefix + 'kv_cache_usage', 'share of the KV cache in use (0..1)', registry=self.registry)
         self.weight_version = Gauge(prefix + 'weight_version', 'version of the weights served', registry=self.registry)
+        self.rollouts = Gauge(prefix + 'rollouts', "the sampler's rollout counters (AsyncSampler.metrics())",
+                              ['counter'], registry=self.registry)
+        self.versions_in_flight = Gauge(prefix + 'requests_by_oldest_token_version',
+                                        'requests in flight by the oldest weight version among their tokens',
+                                        ['version'], registry=self.registry)
 
     def started(self) -> float:
         self.in_flight.inc()
@@ -49,6 +54,12 @@ class GatewayMetrics:
         from prometheus_client import generate_latest
 
         self.weight_version.set(self.sampler.weight_version)
+        counters = self.sampler.metrics()
+        self.versions_in_flight.clear()
+        for version, requests in counters.pop('versions_in_flight').items():
+            self.versions_in_flight.labels(str(version)).set(requests)
+        for name, value in counters.items():
+            self.rollouts.labels(name).set(value)
         try:
             self.kv_usage.set((await self.sampler.engine.stats()).kv_usage)
         except TwinkleAsyncError:  # Ray replicas have no local engine; a dead engine has no usage to report

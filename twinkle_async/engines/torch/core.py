@@ -295,5 +295,6 @@ def _flags(samples: list[Sample], processed_logprobs: bool, device: torch.device
         any_penalty=any(p.repetition_penalty != 1.0 for p in params),
         all_greedy=all(p.temperature == 0 for p in params),
         any_top_k_top_p=any(p.top_k > 0 or p.top_p < 1.0 for p in params),
-        max_logprobs=max(wanted, default=-1), processed_logprobs=processed_logprobs, logprob_rows=asking)
+        max_logprobs=max(wanted, default=-1), processed_logprobs=processed_logprobs, logprob_rows=asking,
+        mask_rows=tuple(i for i, p in enumerate(params) if p.return_sampling_mask))
 

@@ -55,6 +55,7 @@ class TorchEngine:
         self.vocab_size = model.config.get_text_config().vocab_size
         self.max_model_len = max_model_len
         self.max_logprobs = args.max_logprobs
+        self.logprobs_mode = args.logprobs_mode
         self._loop = asyncio.get_running_loop()
         self._collectors: dict[str, OutputCollector[EngineOutput]] = {}
         self._dead: Optional[BaseException] = None

@@ -22,9 +22,12 @@ class OutputProcessor:
     def process(self, samples: list[Sample], batch: SampledBatch, weight_version: int) -> list[EngineOutput]:
         tokens = batch.tokens.tolist()
         rows = _logprob_rows(tokens, batch)
-        return [self._advance(sample, token, row, weight_version) for sample, token, row in zip(samples, tokens, rows)]
+        masks = batch.masks or {}
+        return [self._advance(sample, token, row, weight_version, masks.get(i))
+                for i, (sample, token, row) in enumerate(zip(samples, tokens, rows))]
 
-    def _advance(self, sample: Sample, token: int, row: Optional[LogprobRow], weight_version: int) -> EngineOutput:
+    def _advance(self, sample: Sample, token: int, row: Optional[LogprobRow], weight_version: int,
+                 mask: Optional[list[int]]) -> EngineOutput:
         params = sample.params
         sample.output_ids.append(token)
         if token in params.stop_token_ids or (token in self.eos_token_ids and not params.ignore_eos):
@@ -43,7 +46,7 @@ class OutputProcessor:
             sample.request.request_id, sample.index, [token],
             None if keep is None or row is None else [row[:keep + 1]], _text_delta(sample), sample.finish_reason,
             sample.request.prompt_logprobs if sample.index == 0 and len(sample.output_ids) == 1 else None,
-            weight_version)
+            weight_version, None if mask is None else [mask])
 
     def _at_length(self, sample: Sample) -> bool:
         generated = len(sample.output_ids)

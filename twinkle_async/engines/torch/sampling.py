@@ -22,6 +22,7 @@ class BatchFlags:
     max_logprobs: int  # -1: nobody wants logprobs
     processed_logprobs: bool = False  # logprobs of the distribution sampled from, not the model's raw ones
     logprob_rows: Optional[torch.Tensor] = None  # the rows that want logprobs, when not all of them do
+    mask_rows: tuple[int, ...] = ()  # the rows that want their sampling mask
 
 
 @dataclass(slots=True)
@@ -30,6 +31,7 @@ class SampledBatch:
     token_logprobs: Optional[torch.Tensor]   # [B] raw logprob of each sampled token
     top_ids: Optional[torch.Tensor]          # [B, k]
     top_logprobs: Optional[torch.Tensor]     # [B, k]
+    masks: Optional[dict[int, list[int]]] = None  # row -> the sorted ids it could have drawn
 
 
 def sample_tokens(logits: torch.Tensor, table: SlotTable, rows: slice, flags: BatchFlags) -> SampledBatch:
@@ -56,14 +58,30 @@ def sample_tokens(logits: torch.Tensor, table: SlotTable, rows: slice, flags: Ba
             scaled = _apply_top_k_top_p(scaled, table.top_k[rows], table.top_p[rows])
         sampled = _exponential_race(scaled.softmax(dim=-1), table, rows)
         tokens = torch.where(table.greedy[rows], tokens, sampled)
+    masks = _sampling_masks(flags.mask_rows, tokens, scaled, table.greedy[rows]) if flags.mask_rows else None
     if want_logprobs and flags.processed_logprobs:
         greedy = table.greedy[rows]
         if asking is not None:
             logits, scaled, greedy = logits[asking], None if scaled is None else scaled[asking], greedy[asking]
         logprobs = _processed_logprobs(logits, scaled, greedy)
     if asking is None:
-        return _with_logprobs(tokens, logprobs, flags.max_logprobs)
-    return _scattered(_with_logprobs(tokens[asking], logprobs, flags.max_logprobs), tokens, asking)
+        batch = _with_logprobs(tokens, logprobs, flags.max_logprobs)
+    else:
+        batch = _scattered(_with_logprobs(tokens[asking], logprobs, flags.max_logprobs), tokens, asking)
+    batch.masks = masks
+    return batch
+
+
+def _sampling_masks(mask_rows: tuple[int, ...], tokens: torch.Tensor, scaled: Optional[torch.Tensor],
+                    greedy: torch.Tensor) -> dict[int, list[int]]:
+    """Per row asking: the ids left after top-k/top-p (ascending), or the token alone for a greedy row."""
+    masks = {}
+    for row in mask_rows:
+        if scaled is None or bool(greedy[row]):
+            masks[row] = [int(tokens[row])]
+        else:
+            masks[row] = torch.isfinite(scaled[row]).nonzero().flatten().tolist()
+    return masks
 
 
 def _processed_logprobs(logits: torch.Tensor, scaled: Optional[torch.Tensor], greedy: torch.Tensor) -> torch.Tensor:

@@ -12,6 +12,7 @@ from typing import Any, AsyncGenerator, AsyncIterator, Awaitable, Callable, Iter
 from twinkle_async.adapters import AdapterSpec, check_fits
 from twinkle_async.engines.base import CacheKind, EngineOutput, EngineRequest, EngineStats, PauseMode
 from twinkle_async.engines.collector import OutputCollector
+from twinkle_async.engines.pending import PendingIds
 from twinkle_async.engines.vllm.args import build_engine_args, cpu_environment
 from twinkle_async.engines.vllm.lora import LoraRegistry
 from twinkle_async.engines.vllm.outputs import to_engine_outputs, to_vllm_params
@@ -26,6 +27,7 @@ from twinkle_async.errors import (
     EngineError,
     InvalidInputError,
     InvalidRequestError,
+    NotSupportedError,
     TwinkleAsyncError,
     WeightUpdateError,
 )
@@ -50,6 +52,7 @@ class VLLMEngine:
         self.vocab_size = model_config.get_vocab_size()
         self.max_num_seqs = llm.vllm_config.scheduler_config.max_num_seqs
         self.max_logprobs = model_config.max_logprobs
+        self.logprobs_mode = model_config.logprobs_mode
         images = model_config.multimodal_config
         self.image_limit = images.get_limit_per_prompt('image') if images is not None else 0
         self.labels = VersionLabels(llm.output_processor)
@@ -59,6 +62,7 @@ class VLLMEngine:
         self._user_paused = False
         self._staged: Optional[_Staged] = None
         self._held: set[str] = set()  # requests added while the user paused generation: vLLM queues them
+        self._unstarted = PendingIds()  # requests added whose first output has not come back (held ones too)
         self._aborted = 0
         self._closed = False
 
@@ -113,6 +117,8 @@ class VLLMEngine:
                                       f'max_num_seqs={self.max_num_seqs}')
         if request.multi_modal is not None:
             check_image_limit(request.multi_modal, self.image_limit)
+        if request.params.return_sampling_mask:
+            self._check_mask_readable(request.params)
         copies = request.params.num_samples if request.params.temperature == 0 else 1
         try:
             vllm_params = to_vllm_params(request.params, n=request.params.num_samples // copies)
@@ -124,7 +130,7 @@ class VLLMEngine:
             queue = await self._add(request, _vllm_prompt(request), vllm_params, lora_request)
             while not finished:
                 for version, output in await queue.get():
-                    self._held.discard(request.request_id)
+                    self._started(request.request_id)
                     _check_expanded(request, output.prompt_token_ids)
                     for engine_output in to_engine_outputs(request.request_id, output, request.params,
                                                            prompt_pending, version):
@@ -141,9 +147,26 @@ class VLLMEngine:
                 raise
             raise translated from exc
         finally:
-            self._held.discard(request.request_id)
+            self._started(request.request_id)
             if not finished and not self.is_dead:
                 await asyncio.shield(self.llm.abort(request.request_id))
+
+    def _check_mask_readable(self, params: Any) -> None:
+        """vLLM 0.32 returns no sampling mask (vllm-project/vllm#49577 is not in it): the mask is read from the
+        processed logprobs of the top-k tokens (:func:`sampling_masks`), which needs both of these.
+
+        Raises:
+            NotSupportedError: raw logprobs, or a sampled request whose top-k is off or over ``max_logprobs``.
+        """
+        why = ''
+        if self.logprobs_mode != 'processed_logprobs':
+            why = "start the engine with engine_args={'logprobs_mode': 'processed_logprobs'}"
+        elif params.temperature > 0 and not 1 <= params.top_k <= self.max_logprobs:
+            why = (f'set top_k between 1 and the engine\'s max_logprobs={self.max_logprobs} (with top-p alone the kept '
+                   'set may be larger than the logprobs vLLM returns)')
+        if why:
+            raise NotSupportedError('return_sampling_mask on the vllm engine: vLLM 0.32 returns no sampling mask, so '
+                                    f'it is read from the processed top-k logprobs: {why}; or use the torch engine')
 
     async def _add(self, request: EngineRequest, prompt: Any, params: Any,
                    lora_request: Any) -> OutputCollector[tuple[int, Any]]:
@@ -158,9 +181,14 @@ class VLLMEngine:
             vllm_queue = await self.llm.add_request(request.request_id, rendered, params, lora_request=lora_request)
         except Exception as exc:
             raise self._translate(exc) from exc
+        self._unstarted.add(request.request_id)
         if self._user_paused:
             self._held.add(request.request_id)
         return stamped_collector(vllm_queue, self.labels, self._count_abort)
+
+    def _started(self, request_id: str) -> None:
+        self._held.discard(request_id)
+        self._unstarted.discard(request_id)
 
     def _count_abort(self) -> None:
         self._aborted += 1
@@ -246,7 +274,11 @@ class VLLMEngine:
             await self._unless_dead(self.weight_sync.discard())
 
     async def pause(self, mode: PauseMode) -> None:
+        """vLLM's pause; for 'wait', once every request in flight has been scheduled: vLLM's 'wait' drains the
+        requests its scheduler runs and holds those still queued, which would then wait for ``resume``."""
         self._check_alive()
+        if mode == 'wait':
+            await self._unless_dead(self._unstarted.gone(set(self._unstarted.ids)))
         await self._unless_dead(self.llm.pause_generation(mode=mode, clear_cache=False))
         self._user_paused = True
 
