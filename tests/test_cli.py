@@ -67,9 +67,11 @@ def test_every_sampling_param_has_a_flag_that_reaches_sampling_params():
     args = build_parser().parse_args([
         'sample', 'hi', '--max-tokens', '7', '--seed', '3', '--stop', 'x', '--stop', 'yz',
         '--include-stop-str-in-output', '--temperature', '0.5', '--top-k', '4', '--top-p', '0.9',
-        '--repetition-penalty', '1.2', '--logprobs', '2', '--prompt-logprobs', '1', '-n', '3', '--ignore-eos'])
+        '--repetition-penalty', '1.2', '--logprobs', '2', '--prompt-logprobs', '1', '-n', '3', '--ignore-eos',
+        '--return-sampling-mask'])
     given = sampling_overrides(args)
     assert set(given) == set(SamplingParams.model_fields), 'a field without a flag'
     assert SamplingParams(**given) == SamplingParams(
         max_tokens=7, seed=3, stop=['x', 'yz'], include_stop_str_in_output=True, temperature=0.5, top_k=4, top_p=0.9,
-        repetition_penalty=1.2, logprobs=2, prompt_logprobs=1, num_samples=3, ignore_eos=True)
+        repetition_penalty=1.2, logprobs=2, prompt_logprobs=1, num_samples=3, ignore_eos=True,
+        return_sampling_mask=True)

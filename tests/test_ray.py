@@ -7,10 +7,10 @@ import time
 
 import pytest
 
-from twinkle_async import DeviceGroup, DeviceMesh, SamplingParams, TorchSampler, initialize, vLLMSampler
+from twinkle_async import DeviceGroup, DeviceMesh, SamplingParams, TorchSampler, initialize
 from twinkle_async.errors import ConfigurationError, ReplicaDiedError
 
-from conftest import ENGINES, chat, hf_greedy, load_hf, local_ray_cluster, within
+from conftest import chat, hf_greedy, load_hf, local_ray_cluster, within
 
 pytestmark = pytest.mark.slow
 
@@ -23,12 +23,13 @@ def ray_cluster(ray_environment):
         yield
 
 
-@pytest.fixture(scope='module', params=ENGINES)
-def remote(request, ray_cluster, tiny_model_dir):
-    """The seed's remote example with renamed imports: two replicas in the 'sampler' group."""
-    facade = {'torch': TorchSampler, 'vllm': vLLMSampler}[request.param]
-    sampler = facade(model_id=str(tiny_model_dir), device_mesh=DeviceMesh.from_sizes(dp_size=2),
-                     remote_group='sampler', engine_args={'max_model_len': 512, 'max_num_seqs': 16})
+@pytest.fixture(scope='module')
+def remote(ray_cluster, tiny_model_dir):
+    """The seed's remote example with renamed imports: two replicas in the 'sampler' group. Routing, restarts and
+    remote streams are the ReplicaEngine's whatever engine the replicas host: the torch engine here; vLLM replicas
+    on Ray run in tests/twinkle_port (the seed's vLLMSampler, dp=2) and tests/distributed/test_vllm_tp.py."""
+    sampler = TorchSampler(model_id=str(tiny_model_dir), device_mesh=DeviceMesh.from_sizes(dp_size=2),
+                           remote_group='sampler', engine_args={'max_model_len': 512, 'max_num_seqs': 16})
     yield sampler
     sampler.close()
 
@@ -95,7 +96,6 @@ def test_cancelled_remote_streams_and_calls_leave_no_request_behind(remote):
     assert sum(s.aborted for s in status(remote)) - aborted_before == 8 + 4, 'each one was aborted, not finished'
 
 
-@pytest.mark.parametrize('remote', ['torch'], indirect=True)  # replica faults are the ReplicaEngine's, not the engine's
 @pytest.mark.parametrize('retry', [True, False])
 def test_a_killed_replica_fails_or_retries_and_comes_back_with_the_current_weights(remote, lora_dirs,
                                                                                    tiny_model_dir, retry):

@@ -68,30 +68,31 @@ async def test_max_staleness_1_no_returned_token_is_over_1_version_old_across_ma
 
 
 async def test_sample_groups_returns_the_target_aborts_the_rest_and_saves_tokens(sampler):
-    """Width ceil(2 x 2) = 4 groups of 4: two long prompts (little room left: few tokens, accepted) finish first,
-    two short ones (hundreds of tokens, would be rejected) are still running then and get aborted; the other four
-    prompts never start."""
+    """Width ceil(2 x 2) = 4 groups of 4. ``accept`` takes half the prompts. Long prompts leave little room (few
+    tokens: they finish first), short ones hundreds of tokens: the first long group is accepted (40 tokens), the
+    second rejected (45) and its place goes to the next prompt, a long one that is accepted (50 more); the two
+    short groups still running then are aborted, the last three prompts never start."""
     room = sampler.engine.max_model_len
 
     def prompt(length: int) -> dict:
         return {'input_ids': [5 + i % 400 for i in range(length)]}
 
-    prompts = [prompt(room - 40), prompt(10), prompt(room - 50), prompt(12),
-               prompt(14), prompt(room - 45), prompt(16), prompt(room - 55)]
+    prompts = [prompt(room - 40), prompt(10), prompt(room - 45), prompt(12),
+               prompt(room - 50), prompt(14), prompt(room - 55), prompt(16)]
     judged = []
 
     async def accept(response) -> bool:
-        judged.append(len(response.prompt_token_ids))
-        return len(response.prompt_token_ids) > room // 2
+        judged.append(room - len(response.prompt_token_ids))
+        return room - len(response.prompt_token_ids) in (40, 50, 55)
 
     before = sampler.metrics()
     accepted = await within(sampler.sample_groups(prompts, {'ignore_eos': True}, num_samples=4, accept=accept,
                                                   target=2, over_sample=2.0), 300)
     after = sampler.metrics()
-    assert [len(r.prompt_token_ids) for r in accepted] == [room - 40, room - 50]
-    assert all(len(r.sequences) == 4 and all(len(s.tokens) == 40 or len(s.tokens) == 50 for s in r.sequences)
+    assert [room - len(r.prompt_token_ids) for r in accepted] == [40, 50] and judged == [40, 45, 50]
+    assert all(len(r.sequences) == 4 and {len(s.tokens) for s in r.sequences} == {room - len(r.prompt_token_ids)}
                for r in accepted)
-    assert judged == [room - 40, room - 50], 'only finished groups are judged'
+    assert after['rejected_groups'] - before['rejected_groups'] == 1
     assert after['aborted_groups'] - before['aborted_groups'] == 2
     await within(counters_when(sampler, lambda s: s.running == 0 and s.used_slots == 0 and s.waiting == 0))
     used = after['generated_tokens'] - before['generated_tokens']

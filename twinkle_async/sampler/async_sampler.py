@@ -237,9 +237,10 @@ class AsyncSampler:
         _, request = self._request(inputs, params, adapter_name, session_id)
         if request is None:  # the template's truncation_strategy='delete' dropped the prompt
             return
+        engine = self.engine  # the one serving this request, even if the sampler is closed meanwhile
         async with contextlib.aclosing(self._generate(request, timeout)) as outputs:
             async for output in outputs:
-                self.rollouts.returned([output.weight_version] * len(output.token_ids), self.engine.weight_version)
+                self.rollouts.returned([output.weight_version] * len(output.token_ids), engine.weight_version)
                 yield to_delta(output)
         if request.request_id in self.rollouts.marked:
             self.rollouts.marked.discard(request.request_id)
@@ -429,13 +430,14 @@ class AsyncSampler:
 
     async def _sample_one(self, item: InputLike, params: Any, adapter_name: str, timeout: Optional[float],
                           session_id: Optional[str]) -> SampleResponse:
+        engine = self.engine  # the one serving this request, even if the sampler is closed meanwhile
         while True:
             feature, request = self._request(item, params, adapter_name, session_id)
             if request is None:
                 return empty_response()
             builder = ResponseBuilder(request.prompt_token_ids, request.params.num_samples,
                                       params.logprobs is not None,
-                                      LogprobContract.of(self.engine.logprobs_mode, request.params),
+                                      LogprobContract.of(engine.logprobs_mode, request.params),
                                       params.return_sampling_mask)
             try:
                 async with contextlib.aclosing(self._generate(request, timeout)) as outputs:
@@ -445,7 +447,7 @@ class AsyncSampler:
                 if not exc.resendable:
                     raise
                 continue
-            newest = self.engine.weight_version
+            newest = engine.weight_version
             if not self.rollouts.sample_again(request.request_id, builder.versions, newest, len(builder.versions)):
                 self.rollouts.returned([v for sample in builder.versions for v in sample], newest)
                 break
@@ -457,10 +459,11 @@ class AsyncSampler:
     async def _generate(self, request: EngineRequest, timeout: Optional[float]) -> AsyncGenerator[EngineOutput, None]:
         """The engine's outputs for ``request`` while it holds an admission place; closing this generator early
         (or the timeout) aborts the request."""
-        await self.rollouts.wait_to_start(lambda: self.engine.weight_version)
-        with self.admission.admit(self.engine, request, timeout):
+        engine = self.engine
+        await self.rollouts.wait_to_start(lambda: engine.weight_version)
+        with self.admission.admit(engine, request, timeout):
             try:
-                async with contextlib.aclosing(self.engine.generate(request)) as outputs:
+                async with contextlib.aclosing(engine.generate(request)) as outputs:
                     async for output in outputs:
                         self.rollouts.observe(request.request_id, len(output.token_ids), output.weight_version)
                         yield output
