@@ -49,6 +49,21 @@ def local_ray_cluster(group: str, object_store_mib: int = 256, cpus_per_worker: 
         ray.shutdown()
 
 
+@contextlib.asynccontextmanager
+async def ray_sampler(group: str, model_dir: Path, *, object_store_mib: int = 256, cpus_per_worker: int = 1,
+                      **sampler_kwargs) -> AsyncIterator:
+    """An ``AsyncSampler`` on ``model_dir`` with ``remote_group=group`` in a :func:`local_ray_cluster` holding that
+    group, started (within 300 s) until the block ends; then closed and the cluster shut down."""
+    from twinkle_async import AsyncSampler
+    with local_ray_cluster(group, object_store_mib, cpus_per_worker):
+        sampler = AsyncSampler(str(model_dir), remote_group=group, **sampler_kwargs)
+        await within(sampler.start(), 300)
+        try:
+            yield sampler
+        finally:
+            await sampler.close()
+
+
 @pytest.fixture(scope='session')
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_tiny_model(tmp_path_factory.mktemp('tiny-model'))

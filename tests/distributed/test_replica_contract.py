@@ -15,10 +15,10 @@ import test_contract_pause
 import test_contract_timeouts
 import test_contract_weights
 
-from twinkle_async import AsyncSampler, DeviceMesh
+from twinkle_async import DeviceMesh
 from twinkle_async.ray.replica_engine import ReplicaEngine
 
-from conftest import TINY_ENGINE_ARGS, local_ray_cluster, within
+from conftest import TINY_ENGINE_ARGS, ray_sampler
 
 pytestmark = pytest.mark.slow
 
@@ -40,19 +40,11 @@ for _module in (test_contract_generation, test_contract_bad_inputs, test_contrac
     _adopt(_module)
 
 
-@pytest.fixture(scope='module')
-def cluster(ray_environment):
-    with local_ray_cluster('contract'):
-        yield
-
-
 @pytest_asyncio.fixture(scope='module', loop_scope='session')
-async def sampler(cluster, tiny_model_dir):
+async def sampler(ray_environment, tiny_model_dir):
     """The contract's shared sampler, served by one replica actor; ``max_pending_requests`` is accepted with
     ``remote_group`` (the timeouts contract then bounds it at 2 and sees the third request refused)."""
-    remote = AsyncSampler(str(tiny_model_dir), engine='torch', engine_args=TINY_ENGINE_ARGS, remote_group='contract',
-                          device_mesh=DeviceMesh.from_sizes(dp_size=1), max_pending_requests=256)
-    await within(remote.start(), 300)
-    assert isinstance(remote.engine, ReplicaEngine) and remote.admission.max_pending == 256
-    yield remote
-    await remote.close()
+    async with ray_sampler('contract', tiny_model_dir, engine='torch', engine_args=TINY_ENGINE_ARGS,
+                           device_mesh=DeviceMesh.from_sizes(dp_size=1), max_pending_requests=256) as remote:
+        assert isinstance(remote.engine, ReplicaEngine) and remote.admission.max_pending == 256
+        yield remote

@@ -11,28 +11,21 @@ import pytest
 import pytest_asyncio
 from safetensors.torch import load_file
 
-from twinkle_async import AsyncSampler, DeviceMesh
+from twinkle_async import DeviceMesh
 from twinkle_async.errors import WeightUpdateError
 
-from conftest import hf_greedy, load_hf, local_ray_cluster, within
+from conftest import hf_greedy, load_hf, ray_sampler, within
 
 PROMPT = {'input_ids': [5, 6, 7]}
 GREEDY = {'max_tokens': 6, 'temperature': 0, 'ignore_eos': True}
 
 
-@pytest.fixture(scope='module')
-def cluster(ray_environment):
-    with local_ray_cluster('sampler'):
-        yield
-
-
 @pytest_asyncio.fixture(scope='module', loop_scope='session')
-async def remote(cluster, tiny_model_dir):
-    sampler = AsyncSampler(str(tiny_model_dir), engine='torch', engine_args={'max_model_len': 256, 'max_num_seqs': 8},
-                           remote_group='sampler', device_mesh=DeviceMesh.from_sizes(dp_size=2))
-    await within(sampler.start(), 300)
-    yield sampler
-    await sampler.close()
+async def remote(ray_environment, tiny_model_dir):
+    async with ray_sampler('sampler', tiny_model_dir, engine='torch',
+                           engine_args={'max_model_len': 256, 'max_num_seqs': 8},
+                           device_mesh=DeviceMesh.from_sizes(dp_size=2)) as sampler:
+        yield sampler
 
 
 async def on_both_replicas(remote) -> list[list[int]]:

@@ -8,9 +8,9 @@ import psutil
 import pytest
 import pytest_asyncio
 
-from twinkle_async import AsyncSampler, DeviceMesh
+from twinkle_async import DeviceMesh
 
-from conftest import TINY_ENGINE_ARGS, chat, local_ray_cluster, within
+from conftest import TINY_ENGINE_ARGS, chat, ray_sampler, within
 
 pytestmark = pytest.mark.slow
 
@@ -18,19 +18,11 @@ GREEDY = {'max_tokens': 12, 'temperature': 0, 'ignore_eos': True}
 PROMPTS = [chat(p) for p in ('def main():', 'import os', 'class A:')] + [{'input_ids': [5, 6, 7]}]
 
 
-@pytest.fixture(scope='module')
-def cluster(ray_environment):
-    with local_ray_cluster('tp', cpus_per_worker=2):
-        yield
-
-
 @pytest_asyncio.fixture(scope='module', loop_scope='session')
-async def tp2(cluster, tiny_model_dir):
-    sampler = AsyncSampler(str(tiny_model_dir), engine='vllm', engine_args=TINY_ENGINE_ARGS, remote_group='tp',
-                           device_mesh=DeviceMesh.from_sizes(world_size=2, tp_size=2))
-    await within(sampler.start(), 300)
-    yield sampler
-    await sampler.close()
+async def tp2(ray_environment, tiny_model_dir):
+    async with ray_sampler('tp', tiny_model_dir, cpus_per_worker=2, engine='vllm', engine_args=TINY_ENGINE_ARGS,
+                           device_mesh=DeviceMesh.from_sizes(world_size=2, tp_size=2)) as sampler:
+        yield sampler
 
 
 def tensor_parallel_ranks(pid: int) -> list[str]:

@@ -14,7 +14,7 @@ import pytest_asyncio
 
 from twinkle_async import AsyncSampler, DeviceMesh
 
-from conftest import chat, local_ray_cluster, within
+from conftest import chat, ray_sampler, within
 
 pytestmark = pytest.mark.slow
 
@@ -62,19 +62,11 @@ async def test_a_trainer_process_streams_weights_into_a_local_sampler(tiny_model
         await streamed_into(sampler, tiny_model_dir, tmp_path / 'trained')
 
 
-@pytest.fixture(scope='module')
-def cluster(ray_environment):
-    with local_ray_cluster('sampler', object_store_mib=1024):
-        yield
-
-
 @pytest_asyncio.fixture(scope='module', loop_scope='session')
-async def remote(cluster, default_model_dir):
-    sampler = AsyncSampler(str(default_model_dir), engine='torch', engine_args=ENGINE_ARGS, remote_group='sampler',
-                           device_mesh=DeviceMesh.from_sizes(dp_size=2))
-    await within(sampler.start(), 300)
-    yield sampler
-    await sampler.close()
+async def remote(ray_environment, default_model_dir):
+    async with ray_sampler('sampler', default_model_dir, object_store_mib=1024, engine='torch',
+                           engine_args=ENGINE_ARGS, device_mesh=DeviceMesh.from_sizes(dp_size=2)) as sampler:
+        yield sampler
 
 
 async def test_a_trainer_process_streams_the_default_model_into_two_ray_replicas(remote, default_model_dir, tmp_path):

@@ -3,30 +3,21 @@ and both replicas sample what HF ``generate`` does."""
 
 from __future__ import annotations
 
-import pytest
 import pytest_asyncio
 
-from twinkle_async import AsyncSampler, DeviceMesh
+from twinkle_async import DeviceMesh
 
 from .conftest import VLM_ENGINE_ARGS
 from .test_vlm_generation import GREEDY, described, hf_described, reference
 from .tiny_vlm import picture
-from conftest import local_ray_cluster, within
-
-
-@pytest.fixture(scope='module')
-def cluster(ray_environment):
-    with local_ray_cluster('vlm'):
-        yield
+from conftest import ray_sampler, within
 
 
 @pytest_asyncio.fixture(scope='module', loop_scope='session')
-async def remote_vlm(cluster, vlm_dir):
-    sampler = AsyncSampler(str(vlm_dir), engine='torch', engine_args=VLM_ENGINE_ARGS, remote_group='vlm',
-                           device_mesh=DeviceMesh.from_sizes(dp_size=2))
-    await within(sampler.start(), 300)
-    yield sampler
-    await sampler.close()
+async def remote_vlm(ray_environment, vlm_dir):
+    async with ray_sampler('vlm', vlm_dir, engine='torch', engine_args=VLM_ENGINE_ARGS,
+                           device_mesh=DeviceMesh.from_sizes(dp_size=2)) as sampler:
+        yield sampler
 
 
 async def test_both_replicas_sample_images_as_hf_generate(remote_vlm, hf_vlm):

@@ -39,7 +39,6 @@ class EngineInfo:
     max_model_len: int
     max_logprobs: int
     logprobs_mode: LogprobsMode
-    pid: int
 
 
 class EngineActor:
@@ -62,8 +61,7 @@ class EngineActor:
             model_dir = await asyncio.to_thread(resolve_model, self.model_id)
             self._engine = await create_engine(self.kind, model_dir, self.engine_args)
         engine = self.engine
-        return EngineInfo(engine.vocab_size, engine.max_model_len, engine.max_logprobs, engine.logprobs_mode,
-                          os.getpid())
+        return EngineInfo(engine.vocab_size, engine.max_model_len, engine.max_logprobs, engine.logprobs_mode)
 
     async def generate(self, request: EngineRequest, coalesce_s: float) -> AsyncIterator[list[EngineOutput]]:
         """The request's outputs in lists: whatever arrived within ``coalesce_s`` of the first one travels as one

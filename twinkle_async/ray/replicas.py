@@ -67,11 +67,9 @@ class ReplicaSet:
 
     async def start(self) -> list[EngineInfo]:
         """Start every replica (in parallel); what each one's engine reports."""
-        if not self.actors:
-            launched = await asyncio.gather(*(self._launch(i) for i in range(self.mesh.dp_size)))
-            self.actors = [actor for actor, _ in launched]
-            return [info for _, info in launched]
-        return []
+        launched = await asyncio.gather(*(self._launch(i) for i in range(self.mesh.dp_size)))
+        self.actors = [actor for actor, _ in launched]
+        return [info for _, info in launched]
 
     async def close(self) -> None:
         import ray

@@ -242,9 +242,7 @@ class AsyncSampler:
             async for output in outputs:
                 self.rollouts.returned([output.weight_version] * len(output.token_ids), engine.weight_version)
                 yield to_delta(output)
-        if request.request_id in self.rollouts.marked:
-            self.rollouts.marked.discard(request.request_id)
-            self.rollouts.counts.dropped += request.params.num_samples
+        self.rollouts.stream_ended(request.request_id, request.params.num_samples)
 
     # -- adapters --
     async def add_adapter(self, name: str, source: AdapterSource,
@@ -448,7 +446,7 @@ class AsyncSampler:
                     raise
                 continue
             newest = engine.weight_version
-            if not self.rollouts.sample_again(request.request_id, builder.versions, newest, len(builder.versions)):
+            if not self.rollouts.sample_again(request.request_id, builder.versions, newest):
                 self.rollouts.returned([v for sample in builder.versions for v in sample], newest)
                 break
         if params.scoring:

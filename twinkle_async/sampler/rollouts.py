@@ -12,8 +12,9 @@ come back too stale (its tokens raced the commit) is sampled again before it is 
 from __future__ import annotations
 
 import asyncio
-from dataclasses import asdict, dataclass, field
-from typing import Callable, Optional
+from collections import Counter
+from dataclasses import asdict, dataclass
+from typing import Any, Callable, Optional
 
 from twinkle_async.errors import InvalidRequestError
 
@@ -28,7 +29,8 @@ class RolloutMetrics:
     included. ``returned_tokens`` / ``max_staleness_returned`` / ``staleness_sum``: the tokens returned (``sample``
     responses and stream deltas) and their staleness (max, sum). ``restarted``: samples sampled again for the
     staleness bound; ``dropped``: streamed samples ended by it; ``aborted_groups`` / ``rejected_groups``:
-    ``sample_groups``' groups cut short once it had its target / refused by ``accept``.
+    ``sample_groups``' groups cut short once it had its target / refused by ``accept``. ``metrics()`` adds
+    ``versions_in_flight``: requests in flight by the oldest weight version among their tokens.
     """
 
     generated_tokens: int = 0
@@ -39,7 +41,6 @@ class RolloutMetrics:
     dropped: int = 0
     aborted_groups: int = 0
     rejected_groups: int = 0
-    versions_in_flight: dict[int, int] = field(default_factory=dict)  # oldest token version -> requests
 
 
 class Rollouts:
@@ -77,14 +78,20 @@ class Rollouts:
         async with self._changed:
             await self._changed.wait_for(lambda: not any(self.too_stale(v, newest()) for v in self.oldest.values()))
 
-    def sample_again(self, request_id: str, versions: list[list[int]], newest: int, samples: int) -> bool:
-        """Whether a finished request must be sampled again for the bound (counted): it was aborted for it, or a
-        token would be returned too stale."""
+    def sample_again(self, request_id: str, versions: list[list[int]], newest: int) -> bool:
+        """Whether a finished request (``versions``: per sample, per token) must be sampled again for the bound
+        (counted): it was aborted for it, or a token would be returned too stale."""
         again = request_id in self.marked or any(self.too_stale(v, newest) for sample in versions for v in sample)
         self.marked.discard(request_id)
         if again:
-            self.counts.restarted += samples
+            self.counts.restarted += len(versions)
         return again
+
+    def stream_ended(self, request_id: str, samples: int) -> None:
+        """A stream's request ended: if the bound aborted it, its ``samples`` count as dropped."""
+        if request_id in self.marked:
+            self.marked.discard(request_id)
+            self.counts.dropped += samples
 
     def stale_requests(self, newest: int) -> list[str]:
         """Requests in flight with tokens too stale for ``newest`` (marked: their callers sample them again)."""
@@ -99,9 +106,6 @@ class Rollouts:
         counts.staleness_sum += sum(newest - v for v in versions)
         counts.max_staleness_returned = max([counts.max_staleness_returned, *(newest - v for v in versions)])
 
-    def snapshot(self) -> dict[str, object]:
-        in_flight: dict[int, int] = {}
-        for version in self.oldest.values():
-            in_flight[version] = in_flight.get(version, 0) + 1
-        self.counts.versions_in_flight = dict(sorted(in_flight.items()))
-        return asdict(self.counts)
+    def snapshot(self) -> dict[str, Any]:
+        """The counters, and ``versions_in_flight``: oldest token version -> requests in flight."""
+        return {**asdict(self.counts), 'versions_in_flight': dict(sorted(Counter(self.oldest.values()).items()))}

@@ -10,6 +10,7 @@ the sender broadcasts each bucket as one flat byte tensor; the sampler puts ``'o
 from __future__ import annotations
 
 import datetime
+import math
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -30,10 +31,7 @@ class TensorMeta:
 
     @property
     def nbytes(self) -> int:
-        count = 1
-        for size in self.shape:
-            count *= size
-        return count * torch.empty((), dtype=self.torch_dtype).element_size()
+        return math.prod(self.shape) * self.torch_dtype.itemsize
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -49,10 +47,6 @@ class UpdateHeader:
     version: Optional[int]
     adapter_name: Optional[str]
     backend: str
-
-    @property
-    def nbytes(self) -> int:
-        return sum(meta.nbytes for bucket in self.buckets for meta in bucket)
 
 
 def meta_of(name: str, tensor: torch.Tensor) -> TensorMeta:
