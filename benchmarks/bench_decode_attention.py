@@ -18,7 +18,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from twinkle_async.engines.torch.native.kernels import decode_attention_kernel
+from twinkle_async.engines.torch.native.kernels import cpu_kernels
 
 from common import benchmark_parser, format_table, machine_info, save_results
 
@@ -41,7 +41,7 @@ def main() -> None:
     parser.add_argument('--lengths', default='100,500,2000', help='longest cached length per case')
     parser.add_argument('--repeats', type=int, default=10)
     args = parser.parse_args()
-    kernel = decode_attention_kernel()
+    kernel = cpu_kernels()
     if kernel is None:
         raise SystemExit('the kernel could not be built here (see the warning above)')
     print(f'machine: {machine_info()}')

@@ -16,7 +16,9 @@ sample generates exactly its ``max_tokens``; ``--systems`` picks them):
                  and ``kv_cache_memory_bytes``.
 
 Next to them, the GEMM-only bound: the model's own projections and lm_head for one decode step at the batch
-size (min(samples, max_num_seqs)), timed alone in the same dtype and threads: no engine decodes faster.
+size (min(samples, max_num_seqs)), timed alone in the same dtype and threads: no engine decodes faster. "of bound+p"
+also counts the prompts' GEMMs (each prompt token at a decode token's cost, each prompt once): a workload's
+ceiling when prefill is part of the timed run.
 
 Workloads (``--workloads``, seeded chat prompts of the default model's template, see ``WORKLOADS``): (i) ``short``
 256 requests x 128 tokens, 20-40-token prompts; (ii) ``mixed`` 64 requests, 20-300-token prompts, 16-128 tokens;
@@ -297,13 +299,17 @@ def report(model: str, dtype: str, name: str, workload: Workload, results: list[
     """Print one workload's table and parity; return the same figures for JSON."""
     by_label = {r.system[:4].strip(): r for r in results}
     base = {key: by_label[key].tokens_per_s if key in by_label else None for key in ("(a')", '(b)', '(d)')}
+    prompt_tokens = sum(len(prompt) for prompt in workload.prompts)
+    with_prompts = bound * workload.useful_tokens / (workload.useful_tokens + prompt_tokens)
     rows = [[r.system, r.tokens, r.seconds, r.tokens_per_s, f'{r.tokens_per_s / bound:.2f}',
-             *(_ratio(r.tokens_per_s, b) for b in base.values()), r.peak_samples or '-',
-             f'{r.peak_rss_mib:.0f}', f'{r.cpu_util:.2f}', f'{100 * r.cpu_stall:.0f}%'] for r in results]
+             f'{r.tokens_per_s / with_prompts:.2f}', *(_ratio(r.tokens_per_s, b) for b in base.values()),
+             r.peak_samples or '-', f'{r.peak_rss_mib:.0f}', f'{r.cpu_util:.2f}', f'{100 * r.cpu_stall:.0f}%']
+            for r in results]
     print(f'\n=== model={model} dtype={dtype} workload {name}: {workload.describe()}')
-    print(f'GEMM-only bound at batch {batch}: {bound:.0f} tok/s')
-    print(format_table(['system', 'tokens', 'seconds', 'tokens/s', 'of bound', "vs (a')", 'vs (b)', 'vs (d)',
-                        'peak samples', 'peak rss MiB', 'cpu util', 'cpu stall'], rows))
+    print(f'GEMM-only bound at batch {batch}: {bound:.0f} tok/s; {with_prompts:.0f} tok/s with the GEMMs of the '
+          f'{prompt_tokens} prompt tokens too (each costing a decode token\'s), "of bound+p"')
+    print(format_table(['system', 'tokens', 'seconds', 'tokens/s', 'of bound', 'of bound+p', "vs (a')", 'vs (b)',
+                        'vs (d)', 'peak samples', 'peak rss MiB', 'cpu util', 'cpu stall'], rows))
     parity = {}
     reference = by_label.get('(b)', results[-1])
     for other in (r for r in results if r is not reference):
@@ -319,8 +325,10 @@ def report(model: str, dtype: str, name: str, workload: Workload, results: list[
             print(f'WARNING {r.system}: {len(wrong)} sequences did not generate exactly max_tokens (e.g. #{wrong[0]})')
     return {'model': model, 'dtype': dtype, 'workload': name, 'described': workload.describe(), 'parity': parity,
             'gemm_bound_tokens_per_s': bound, 'gemm_bound_batch': batch,
+            'gemm_bound_with_prompts': with_prompts,
             'systems': [{'system': r.system, 'tokens': r.tokens, 'seconds': r.seconds, 'tokens_per_s': r.tokens_per_s,
-                         'of_bound': r.tokens_per_s / bound, 'peak_samples': r.peak_samples,
+                         'of_bound': r.tokens_per_s / bound, 'of_bound_with_prompts': r.tokens_per_s / with_prompts,
+                         'peak_samples': r.peak_samples,
                          'peak_rss_mib': r.peak_rss_mib, 'cpu_seconds': r.cpu_seconds, 'cpu_stall': r.cpu_stall,
                          **{f'vs_{key.strip("()")}': r.tokens_per_s / b if b else None for key, b in base.items()}}
                         for r in results]}

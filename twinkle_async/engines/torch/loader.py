@@ -73,7 +73,7 @@ def _native(model_dir: Path, config: Any, args: TorchEngineArgs, dtype: torch.dt
     from transformers import GenerationConfig
 
     from twinkle_async.engines.torch.native.checkpoint import load_native, unsupported_reason
-    from twinkle_async.engines.torch.native.kernels import decode_attention_kernel
+    from twinkle_async.engines.torch.native.kernels import cpu_kernels
 
     max_len = model_max_len(config)
     reason = unsupported_reason(config, args.max_model_len or max_len)
@@ -84,7 +84,7 @@ def _native(model_dir: Path, config: Any, args: TorchEngineArgs, dtype: torch.dt
         return None
     model = load_native(model_dir, config, dtype, device, args.max_model_len or max_len)
     if device.type == 'cpu':
-        decode_attention_kernel()  # built (or found in torch's cache) here, off the event loop
+        cpu_kernels()  # built (or found in torch's cache) here, off the event loop
     try:
         model.generation_config = GenerationConfig.from_pretrained(model_dir)
     except OSError:  # no generation_config.json

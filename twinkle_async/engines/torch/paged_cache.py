@@ -17,6 +17,7 @@ import torch
 
 from twinkle_async.engines.torch.block_pool import BlockPool, block_hashes
 from twinkle_async.engines.torch.kv_cache import SlotKVCache, kv_shape
+from twinkle_async.engines.torch.native.kernels import cpu_kernels
 
 __all__ = ['PagedKVCache']
 
@@ -47,6 +48,7 @@ class PagedKVCache:
         self._shape = (num_blocks, num_kv_heads, block_size, head_dim)
         self._dtype, self._device = dtype, device
         self._slots = [_Slot() for _ in range(num_slots)]
+        self._kernels = cpu_kernels() if device.type == 'cpu' else None
 
     @classmethod
     def for_model(cls, model: Any, num_slots: int, max_len: int, memory_bytes: int, block_size: int,
@@ -159,6 +161,10 @@ class PagedKVCache:
               value: torch.Tensor) -> None:
         """Store ``key``/``value`` ``[T, kv_heads, head_dim]`` at :meth:`locate`'s places."""
         blocks, offsets = where
+        if self._kernels is not None:  # a copy per row and head instead of ATen's indexed assignment
+            self._kernels.write_rows_(self.keys[layer], blocks, offsets, key)
+            self._kernels.write_rows_(self.values[layer], blocks, offsets, value)
+            return
         self.keys[layer][blocks, :, offsets] = key
         self.values[layer][blocks, :, offsets] = value
 

@@ -8,6 +8,7 @@ from typing import Any, Optional, cast
 import torch
 
 from twinkle_async.engines.torch.native.model import DecoderLayer, NativeCausalLM
+from twinkle_async.engines.torch.native.ops import layer_ops
 from twinkle_async.engines.torch.weight_store import WeightSlot
 from twinkle_async.errors import ConfigurationError
 
@@ -100,4 +101,5 @@ def load_native(model_dir: Path, config: Any, dtype: torch.dtype, device: torch.
     if missing:
         raise ConfigurationError(f'the checkpoint in {model_dir} lacks {len(missing)} weight(s), e.g. {missing[0]!r}')
     model.build_rotary_table()
+    model.ops = layer_ops(dtype, device)
     return model

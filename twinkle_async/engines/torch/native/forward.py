@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from twinkle_async.engines.torch.attention import causal_packed, grouped_decode
 from twinkle_async.engines.torch.model_runner import MixedBatch
-from twinkle_async.engines.torch.native.kernels import decode_attention_kernel
+from twinkle_async.engines.torch.native.kernels import cpu_kernels
 from twinkle_async.engines.torch.native.lora import NativeLora
 from twinkle_async.engines.torch.native.model import NativeCausalLM
 from twinkle_async.engines.torch.paged_cache import PagedKVCache
@@ -41,17 +41,25 @@ class NativeForward:
 
     def __init__(self, model: NativeCausalLM, lora: NativeLora, cache: PagedKVCache) -> None:
         self.model, self.lora, self.cache = model, lora, cache
-        self.scale = model.shape.head_dim ** -0.5
-        self.kernel = decode_attention_kernel() if model.embed_tokens.weight.device.type == 'cpu' else None
+        shape = model.shape
+        self.scale = shape.head_dim ** -0.5
+        self.kernel = cpu_kernels() if model.embed_tokens.weight.device.type == 'cpu' else None
+        # prompts attend over the paged cache in place with the kernel (bfloat16, AVX-512 BF16), else through SDPA
+        self.prefill_kernel = (self.kernel is not None and model.dtype == torch.bfloat16
+                               and self.kernel.has_prefill_attention(shape.head_dim, shape.heads // shape.kv_heads))
 
     def packed(self, input_ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, bounds: list[int],
                keep: torch.Tensor, adapter: str, pixels: Optional[Mapping[str, torch.Tensor]] = None) -> torch.Tensor:
         if pixels is not None:
             raise ValueError('the native runner serves text-only models: it takes no images')
         where = self.cache.locate(slots, positions)
+        spans = self._spans([(first, end, int(slots[first]), int(positions[first]))
+                             for first, end in zip(bounds[:-1], bounds[1:])])
 
         def attention(layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
             self.cache.write(layer, where, key, value)
+            if spans is not None:
+                return self._prefill_attention(layer, query, spans).reshape(len(query), -1)
             return causal_packed(query, key, value, bounds, self.scale).reshape(len(query), -1)
 
         hidden = self.model(input_ids, positions, attention, self.lora.delta([adapter]))
@@ -71,6 +79,7 @@ class NativeForward:
         rows = batch.rows
         decode_rows = _DecodeRows.of(self.cache, batch.positions[:rows], batch.decode_mask) if rows else None
         chunk_where = self.cache.locate(batch.chunk_slots, batch.positions[rows:])
+        spans = self._spans(batch.chunks)
 
         def attention(layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
             parts = []
@@ -78,8 +87,11 @@ class NativeForward:
                 parts.append(self._decode_attention(layer, query[:rows], key[:rows], value[:rows], decode_rows))
             if len(query) > rows:
                 self.cache.write(layer, chunk_where, key[rows:], value[rows:])
-                parts += [self._chunk_attention(layer, query, key, value, *span) for span in batch.chunks]
-            return torch.cat(parts).reshape(len(query), -1)
+                if spans is not None:
+                    parts.append(self._prefill_attention(layer, query, spans)[rows:])
+                else:
+                    parts += [self._chunk_attention(layer, query, key, value, *span) for span in batch.chunks]
+            return (parts[0] if len(parts) == 1 else torch.cat(parts)).reshape(len(query), -1)
 
         hidden = self.model(batch.input_ids, batch.positions, attention, self.lora.delta(batch.adapters))
         return self.model.logits(hidden[batch.keep])
@@ -88,10 +100,23 @@ class NativeForward:
                           rows: _DecodeRows) -> torch.Tensor:
         self.cache.write(layer, rows.where, key, value)
         if self.kernel is not None:  # each row reads its own length from its blocks in place
-            return self.kernel.decode_attention(query.contiguous(), self.cache.keys[layer], self.cache.values[layer],
+            return self.kernel.decode_attention(query, self.cache.keys[layer], self.cache.values[layer],
                                                 self.cache.tables, rows.lengths, self.scale, torch.get_num_threads())
         keys, values = self.cache.gather_rows(layer, len(query), rows.mask.shape[-1])
         return grouped_decode(query, keys, values, rows.mask, self.scale)
+
+    def _spans(self, chunks: Sequence[tuple[int, int, int, int]]) -> Optional[torch.Tensor]:
+        """``(first row, end row, slot, start position)`` per prompt part, for the prefill kernel (``None``: SDPA)."""
+        if not self.prefill_kernel or not chunks:
+            return None
+        return torch.tensor(chunks, dtype=torch.long)
+
+    def _prefill_attention(self, layer: int, query: torch.Tensor, spans: torch.Tensor) -> torch.Tensor:
+        """Each span's rows over their slot's cached positions up to their own (already written), in place;
+        ``[T, H, D]``."""
+        assert self.kernel is not None
+        return self.kernel.prefill_attention(query, self.cache.keys[layer], self.cache.values[layer],
+                                             self.cache.tables, spans, self.scale)
 
     def _chunk_attention(self, layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                          first: int, end: int, slot: int, start: int) -> torch.Tensor:

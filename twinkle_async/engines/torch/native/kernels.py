@@ -1,10 +1,13 @@
 """CPU kernels of the native runner, compiled on first use (``csrc/``; a C++ compiler is needed, else the runner
-keeps using SDPA and logs why).
+keeps using ATen ops and SDPA and logs why).
 
 ``decode_attention`` reads each row's own cached length from its blocks of the paged cache in place (no gather, no
-padding to the longest row, no mask) with the grouped query heads sharing each K/V row as it is loaded
-(``benchmarks/bench_decode_attention.py`` compares it with SDPA). The build is cached
-by torch (``TORCH_EXTENSIONS_DIR``), once per kind of CPU (it is compiled for the CPU it runs on), in ~30 s.
+padding to the longest row, no mask) with the grouped query heads sharing each K/V row as it is loaded; for
+bfloat16 with head size 64 or 128 on CPUs with AVX-512 BF16 it runs vectorised bf16 dot products
+(``benchmarks/bench_decode_attention.py`` compares it with SDPA). ``rms_norm`` (with the residual add),
+``rotary_``, ``silu_mul`` and ``write_rows_`` (K/V rows into their blocks) each replace several ATen ops of a layer
+for half-precision models (:class:`~twinkle_async.engines.torch.native.ops.FusedOps`). The build is cached by torch
+(``TORCH_EXTENSIONS_DIR``), once per kind of CPU (it is compiled for the CPU it runs on), in ~30-60 s.
 """
 
 from __future__ import annotations
@@ -17,20 +20,21 @@ import threading
 from pathlib import Path
 from typing import Any, Optional
 
-__all__ = ['decode_attention_kernel']
+__all__ = ['cpu_kernels']
 
 logger = logging.getLogger(__name__)
 
-_SOURCE = Path(__file__).parent / 'csrc' / 'decode_attention.cpp'
+_SOURCES = [Path(__file__).parent / 'csrc' / name
+            for name in ('bindings.cpp', 'decode_attention.cpp', 'prefill_attention.cpp', 'fused_ops.cpp')]
 _FLAGS = ['-O3', '-march=native', '-fopenmp', '-ffast-math', '-fno-finite-math-only']
 _lock = threading.Lock()
 _built: dict[str, Any] = {}
 
 
-def decode_attention_kernel() -> Optional[Any]:
-    """The compiled ``decode_attention(q [B, H, D], keys, values [num_blocks, H_kv, block_size, D], tables [>= B, W]
-    int64, lengths [B] int64, scale, threads) -> [B, H, D]``, or ``None`` where it cannot be built (or
-    ``TWINKLE_ASYNC_NO_KERNELS=1``)."""
+def cpu_kernels() -> Optional[Any]:
+    """The compiled module (``decode_attention(q [B, H, D], keys, values [num_blocks, H_kv, block_size, D], tables
+    [>= B, W] int64, lengths [B] int64, scale, threads) -> [B, H, D]`` and the fused element-wise ops, see
+    ``csrc/``), or ``None`` where it cannot be built (or ``TWINKLE_ASYNC_NO_KERNELS=1``)."""
     if os.environ.get('TWINKLE_ASYNC_NO_KERNELS') == '1':
         return None
     with _lock:
@@ -43,10 +47,10 @@ def _build() -> Optional[Any]:
     from torch.utils.cpp_extension import load
 
     try:
-        return load(f'twinkle_async_decode_attention_{_cpu_kind()}', [str(_SOURCE)], extra_cflags=_FLAGS,
+        return load(f'twinkle_async_cpu_kernels_{_cpu_kind()}', [str(path) for path in _SOURCES], extra_cflags=_FLAGS,
                     extra_ldflags=['-fopenmp'], verbose=False)
     except Exception as exc:  # no compiler, headers or OpenMP: the runner keeps SDPA
-        logger.warning('torch engine: the CPU decode-attention kernel could not be built (%s); using SDPA', exc)
+        logger.warning('torch engine: the CPU kernels could not be built (%s); using ATen ops and SDPA', exc)
         return None
 
 

@@ -3,8 +3,10 @@
 Every sequence of a step is packed into one row of ``T`` tokens (``[T, hidden]``, no batch axis, no padding);
 attention is delegated to an :class:`Attention` the runner plans per step (it owns the KV cache). The query, key
 and value projections are one GEMM (``qkv``), gate and up are one (``gate_up``); the rotary table is computed
-once for every position. Numerics follow the Hugging Face modules op for op (float32 RMSNorm, cos/sin in the
-model's dtype), so float32 outputs match them to rounding.
+once for every position. The element-wise steps (RMSNorm with its residual add, rotary, the gated activation) run
+through the model's :class:`~twinkle_async.engines.torch.native.ops.TorchOps` (fused CPU kernels for half
+precision). Numerics follow the Hugging Face modules op for op (float32 RMSNorm, cos/sin in the model's dtype), so
+float32 outputs match them to rounding.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ from typing import Any, Callable, Optional, Protocol
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from twinkle_async.engines.torch.native.ops import TorchOps
 
 __all__ = ['NativeCausalLM', 'Attention', 'LoraDelta', 'ModelShape']
 
@@ -59,16 +63,15 @@ class ModelShape:
 
 
 class RMSNorm(nn.Module):
+    """An RMSNorm's weight and epsilon; :meth:`TorchOps.rms_norm` applies it."""
+
     def __init__(self, size: int, eps: float) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.ones(size))
         self.eps = eps
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+    def normalize(self, ops: TorchOps, x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return ops.rms_norm(x, self.weight, self.eps, residual)
 
 
 class DecoderLayer(nn.Module):
@@ -86,21 +89,21 @@ class DecoderLayer(nn.Module):
         self.act = _activation(shape.activation)
 
     def forward(self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attention: Attention,
-                lora: Optional[LoraDelta]) -> torch.Tensor:
+                lora: Optional[LoraDelta], ops: TorchOps) -> torch.Tensor:
+        """The layer's output for ``hidden`` ``[T, hidden]``, which it updates in place (residual adds)."""
         shape = self.shape
-        x = self.input_layernorm(hidden)
+        x = self.input_layernorm.normalize(ops, hidden)
         qkv = self._linear(self.qkv, 'qkv', x, lora)
         q, k, v = qkv.split([shape.q_size, shape.kv_size, shape.kv_size], dim=-1)
         q = q.view(-1, shape.heads, shape.head_dim)
         k = k.view(-1, shape.kv_heads, shape.head_dim)
         if self.q_norm is not None and self.k_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
+            q, k = self.q_norm.normalize(ops, q), self.k_norm.normalize(ops, k)
+        q, k = ops.rotate(q, cos, sin), ops.rotate(k, cos, sin)
         out = attention(self.index, q, k, v.view(-1, shape.kv_heads, shape.head_dim))
-        hidden = hidden + self._linear(self.o_proj, 'o_proj', out, lora)
-        x = self.post_attention_layernorm(hidden)
-        gate, up = self._linear(self.gate_up, 'gate_up', x, lora).chunk(2, dim=-1)
-        return hidden + self._linear(self.down_proj, 'down_proj', self.act(gate) * up, lora)
+        x = self.post_attention_layernorm.normalize(ops, hidden, self._linear(self.o_proj, 'o_proj', out, lora))
+        gated = ops.act_mul(self._linear(self.gate_up, 'gate_up', x, lora), self.act)
+        return hidden.add_(self._linear(self.down_proj, 'down_proj', gated, lora))
 
     def _linear(self, linear: nn.Linear, name: str, x: torch.Tensor, lora: Optional[LoraDelta]) -> torch.Tensor:
         out = linear(x)
@@ -126,6 +129,7 @@ class NativeCausalLM(nn.Module):
         self.register_buffer('cos', torch.empty(0), persistent=False)
         self.register_buffer('sin', torch.empty(0), persistent=False)
         self.generation_config: Any = None
+        self.ops = TorchOps()
 
     @property
     def dtype(self) -> torch.dtype:
@@ -145,19 +149,13 @@ class NativeCausalLM(nn.Module):
                 lora: Optional[LoraDelta] = None) -> torch.Tensor:
         """Final hidden states ``[T, hidden]`` of the packed tokens ``input_ids`` at ``positions``."""
         hidden = self.embed_tokens(input_ids)
-        cos, sin = self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)
+        cos, sin = self.cos[positions], self.sin[positions]
         for layer in self.layers:
-            hidden = layer(hidden, cos, sin, attention, lora)
-        return self.norm(hidden)
+            hidden = layer(hidden, cos, sin, attention, lora, self.ops)
+        return self.norm.normalize(self.ops, hidden)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden)
-
-
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin
 
 
 def _activation(name: str) -> Callable[[torch.Tensor], torch.Tensor]:

@@ -1,17 +1,21 @@
 // Decode attention over the paged KV cache on CPU: one query token per row, each row reading only its own
 // cached length from its blocks in place (no gather, no padding to the longest row), grouped-query heads
 // sharing each K/V row as it is loaded.
-// Built on first use by twinkle_async.engines.torch.native.kernels (torch.utils.cpp_extension.load).
 #include <torch/extension.h>
 #include <omp.h>
 #include <algorithm>
 #include <cmath>
 #include <vector>
+#include "simd.h"
+#if defined(TWINKLE_AVX512) && defined(__AVX512BF16__)
+#define TWINKLE_BF16_FAST 1
+#endif
 
 template <typename T> static inline float f(T x) { return static_cast<float>(x); }
 
 template <typename T>
-static void run(const T* q, const T* k, const T* v, T* out, const int64_t* tables, int64_t W, int64_t bs,
+static void run(const T* q, int64_t q_stride, const T* k, const T* v, T* out, const int64_t* tables, int64_t W,
+                int64_t bs,
                 const int64_t* lengths, int64_t B, int64_t H, int64_t Hkv, int64_t D, int64_t head_stride,
                 int64_t block_stride, float scale, int threads) {
   const int64_t G = H / Hkv;
@@ -24,7 +28,7 @@ static void run(const T* q, const T* k, const T* v, T* out, const int64_t* table
       const int64_t* table = tables + b * W;
       scores.resize(G * L);
       for (int64_t g = 0; g < G; ++g)
-        for (int64_t d = 0; d < D; ++d) qf[g * D + d] = f(q[(b * H + h * G + g) * D + d]) * scale;
+        for (int64_t d = 0; d < D; ++d) qf[g * D + d] = f(q[b * q_stride + (h * G + g) * D + d]) * scale;
       for (int64_t t = 0, blk = 0; blk < blocks; ++blk)  // walk the row's blocks, bs positions each
       for (const T* kt = k + table[blk] * block_stride + h * head_stride; t < std::min(L, (blk + 1) * bs);
            ++t, kt += D) {
@@ -64,11 +68,117 @@ static void run(const T* q, const T* k, const T* v, T* out, const int64_t* table
   }
 }
 
+#ifdef TWINKLE_BF16_FAST
+// Softmax of scores[0, L) in place, 16 lanes at a time (the tail masked).
+static inline void softmax16(float* scores, int64_t L) {
+  __m512 m = _mm512_set1_ps(-INFINITY);
+  for (int64_t t = 0; t < L; t += 16) {
+    const __mmask16 keep = twinkle::first(L - t);
+    m = _mm512_mask_max_ps(m, keep, m, _mm512_maskz_loadu_ps(keep, scores + t));
+  }
+  const __m512 top = _mm512_set1_ps(_mm512_reduce_max_ps(m));
+  __m512 sum = _mm512_setzero_ps();
+  for (int64_t t = 0; t < L; t += 16) {
+    const __mmask16 keep = twinkle::first(L - t);
+    const __m512 e = twinkle::exp(_mm512_sub_ps(_mm512_maskz_loadu_ps(keep, scores + t), top));
+    sum = _mm512_mask_add_ps(sum, keep, sum, e);
+    _mm512_mask_storeu_ps(scores + t, keep, e);
+  }
+  const __m512 inv = _mm512_set1_ps(1.f / _mm512_reduce_add_ps(sum));
+  for (int64_t t = 0; t < L; t += 16) {
+    const __mmask16 keep = twinkle::first(L - t);
+    _mm512_mask_storeu_ps(scores + t, keep, _mm512_mul_ps(_mm512_maskz_loadu_ps(keep, scores + t), inv));
+  }
+}
+
+// bfloat16 rows of head size D (64 or 128) for G query heads per K/V head, with AVX-512. Scores: q.k as bf16 pair
+// dot products accumulated in fp32 (vdpbf16ps; q and k are bf16 already, so nothing is rounded before the sum),
+// 16 positions at a time; softmax in fp32; values widened to fp32 and accumulated with FMAs in registers. Each
+// K/V row is read once for the G heads of its group, each block prefetched while the one before it is read.
+template <int D, int G>
+static void run_bf16(const at::BFloat16* q, int64_t q_stride, const at::BFloat16* k, const at::BFloat16* v,
+                     at::BFloat16* out,
+                     const int64_t* tables, int64_t W, int64_t bs, const int64_t* lengths, int64_t B, int64_t Hkv,
+                     int64_t head_stride, int64_t block_stride, float scale, int threads) {
+  constexpr int C = D / 32;  // zmm of bf16 per row
+  const int64_t heads = G * Hkv;
+  #pragma omp parallel num_threads(threads)
+  {
+    std::vector<float> scores;
+    std::vector<int64_t> rows;  // each position's row, as an offset into either pool
+    #pragma omp for schedule(dynamic, 4)
+    for (int64_t i = 0; i < B * Hkv; ++i) {
+      const int64_t b = i / Hkv, h = i % Hkv, L = lengths[b], padded = (L + 15) / 16 * 16;
+      const int64_t* table = tables + b * W;
+      scores.resize(G * padded);
+      rows.resize(padded);
+      for (int64_t t = 0, blk = 0; t < L; ++blk)
+        for (int64_t row = table[blk] * block_stride + h * head_stride; t < std::min(L, (blk + 1) * bs); ++t, row += D)
+          rows[t] = row;
+      for (int64_t t = L; t < padded; ++t) rows[t] = rows[0];  // read again, ignored
+      __m512i qv[G][C];
+      for (int g = 0; g < G; ++g)
+        for (int c = 0; c < C; ++c)
+          qv[g][c] = _mm512_loadu_si512(reinterpret_cast<const void*>(q + b * q_stride + (h * G + g) * D + 32 * c));
+      twinkle::prefetch_rows(k + rows[0], std::min<int64_t>(L, bs) * D * 2);
+      for (int64_t t0 = 0; t0 < padded; t0 += 16) {
+        if (t0 + 16 < L) twinkle::prefetch_rows(k + rows[t0 + 16], std::min<int64_t>(16, L - t0 - 16) * D * 2);
+        for (int g = 0; g < G; ++g) {
+          __m512 dots[16];
+          for (int j = 0; j < 16; ++j) {
+            __m512 dot = _mm512_setzero_ps();
+            for (int c = 0; c < C; ++c)
+              dot = _mm512_dpbf16_ps(dot, (__m512bh)qv[g][c], (__m512bh)_mm512_loadu_si512(k + rows[t0 + j] + 32 * c));
+            dots[j] = dot;
+          }
+          const __m512 scaled = _mm512_mul_ps(twinkle::sum16x16(dots), _mm512_set1_ps(scale));
+          _mm512_storeu_ps(scores.data() + g * padded + t0, scaled);
+        }
+      }
+      for (int g = 0; g < G; ++g) softmax16(scores.data() + g * padded, L);
+      __m512 acc[G][2 * C];
+      for (int g = 0; g < G; ++g)
+        for (int c = 0; c < 2 * C; ++c) acc[g][c] = _mm512_setzero_ps();
+      twinkle::prefetch_rows(v + rows[0], std::min<int64_t>(L, bs) * D * 2);
+      for (int64_t t = 0; t < L; ++t) {
+        if (t % 16 == 0 && t + 16 < L)
+          twinkle::prefetch_rows(v + rows[t + 16], std::min<int64_t>(16, L - t - 16) * D * 2);
+        const at::BFloat16* vt = v + rows[t];
+        __m512 row[2 * C];
+        for (int c = 0; c < 2 * C; ++c)  // bf16 -> fp32: the 16 bits become the high half of each lane
+          row[c] = twinkle::widen_bf16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(vt + 16 * c)));
+        for (int g = 0; g < G; ++g) {
+          const __m512 w = _mm512_set1_ps(scores[g * padded + t]);
+          for (int c = 0; c < 2 * C; ++c) acc[g][c] = _mm512_fmadd_ps(w, row[c], acc[g][c]);
+        }
+      }
+      for (int g = 0; g < G; ++g)
+        for (int c = 0; c < C; ++c) {  // round to nearest even, as static_cast<BFloat16> does
+          const __m512bh packed = _mm512_cvtne2ps_pbh(acc[g][2 * c + 1], acc[g][2 * c]);
+          _mm512_storeu_si512(reinterpret_cast<void*>(out + (b * heads + h * G + g) * D + 32 * c), (__m512i)packed);
+        }
+    }
+  }
+}
+
+using FastKernel = void (*)(const at::BFloat16*, int64_t, const at::BFloat16*, const at::BFloat16*, at::BFloat16*,
+                            const int64_t*, int64_t, int64_t, const int64_t*, int64_t, int64_t, int64_t, int64_t, float,
+                            int);
+
+// The AVX-512 kernel for this head size and group, or nullptr (the portable one then runs).
+static FastKernel fast_kernel(int64_t D, int64_t G) {
+  if (D == 64) return twinkle::by_group(G, [](auto g) -> FastKernel { return run_bf16<64, decltype(g)::value>; });
+  if (D == 128) return twinkle::by_group(G, [](auto g) -> FastKernel { return run_bf16<128, decltype(g)::value>; });
+  return nullptr;
+}
+#endif
+
 // q [B, H, D]; k, v [num_blocks, H_kv, block_size, D]; tables [>= B, W] int64: row b's blocks in position order;
 // lengths [B] int64: the positions row b attends to (< W * block_size).
 torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor tables,
                                torch::Tensor lengths, double scale, int64_t threads) {
-  TORCH_CHECK(q.dim() == 3 && q.is_contiguous(), "q must be a contiguous [B, H, D] tensor");
+  TORCH_CHECK(q.dim() == 3 && q.stride(2) == 1 && q.stride(1) == q.size(2),
+              "q must be a [B, H, D] tensor with contiguous rows (a view of the qkv projection is fine)");
   TORCH_CHECK(k.dim() == 4 && k.sizes() == v.sizes() && k.strides() == v.strides(),
               "k, v: [num_blocks, H_kv, block_size, D]");
   TORCH_CHECK(k.stride(3) == 1 && k.stride(2) == k.size(3) && k.size(3) == q.size(2), "k, v rows must be contiguous");
@@ -80,13 +190,20 @@ torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v
   TORCH_CHECK(q.size(1) % k.size(1) == 0, "H must be a multiple of H_kv");
   const int64_t B = q.size(0), H = q.size(1), D = q.size(2), Hkv = k.size(1), bs = k.size(2), W = tables.size(1);
   TORCH_CHECK(B == 0 || lengths.max().item<int64_t>() <= W * bs, "a length is past the block table");
-  auto out = torch::empty_like(q);
+  auto out = torch::empty({B, H, D}, q.options());
+#ifdef TWINKLE_BF16_FAST
+  if (FastKernel fast = q.scalar_type() == at::kBFloat16 ? fast_kernel(D, H / Hkv) : nullptr) {
+    fast(q.data_ptr<at::BFloat16>(), q.stride(0), k.data_ptr<at::BFloat16>(), v.data_ptr<at::BFloat16>(),
+         out.data_ptr<at::BFloat16>(), tables.data_ptr<int64_t>(), W, bs, lengths.data_ptr<int64_t>(), B, Hkv,
+         k.stride(1), k.stride(0), (float)scale, (int)threads);
+    return out;
+  }
+#endif
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "decode_attention", [&] {
-    run<scalar_t>(q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(),
+    run<scalar_t>(q.data_ptr<scalar_t>(), q.stride(0), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(),
+                  out.data_ptr<scalar_t>(),
                   tables.data_ptr<int64_t>(), W, bs, lengths.data_ptr<int64_t>(), B, H, Hkv, D, k.stride(1),
                   k.stride(0), (float)scale, (int)threads);
   });
   return out;
 }
-
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) { m.def("decode_attention", &decode_attention); }

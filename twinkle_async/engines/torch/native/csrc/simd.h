@@ -1,0 +1,110 @@
+// 16-lane float32 helpers over AVX-512 (F, BW, VL) shared by the kernels: loads that widen bfloat16/float16 to
+// float32, stores that round to nearest even, masked tails, and e^x. Kernels use them under TWINKLE_AVX512 and
+// keep a portable loop otherwise.
+#pragma once
+#include <ATen/ATen.h>
+#include <type_traits>
+
+namespace twinkle {
+// make(std::integral_constant<int, G>) for G = group in 1..8 (query heads per K/V head: kernels are compiled per
+// group so their accumulators live in registers), or make's type default-constructed (nullptr) for other groups.
+template <typename Make> auto by_group(int64_t group, Make make) {
+  using Result = decltype(make(std::integral_constant<int, 1>{}));
+  switch (group) {
+    case 1: return make(std::integral_constant<int, 1>{});
+    case 2: return make(std::integral_constant<int, 2>{});
+    case 3: return make(std::integral_constant<int, 3>{});
+    case 4: return make(std::integral_constant<int, 4>{});
+    case 5: return make(std::integral_constant<int, 5>{});
+    case 6: return make(std::integral_constant<int, 6>{});
+    case 7: return make(std::integral_constant<int, 7>{});
+    case 8: return make(std::integral_constant<int, 8>{});
+    default: return Result{};
+  }
+}
+}  // namespace twinkle
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+#include <immintrin.h>
+#define TWINKLE_AVX512 1
+
+namespace twinkle {
+
+inline __mmask16 first(int64_t n) { return n >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << n) - 1); }
+
+inline __m512 widen_bf16(__m256i h) { return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)); }
+
+// Masked moves only for the tail: a masked store is several times slower than a plain one on some CPUs (AMD).
+inline __m256i load16(const void* p, __mmask16 m) {
+  return m == 0xFFFF ? _mm256_loadu_si256(static_cast<const __m256i*>(p)) : _mm256_maskz_loadu_epi16(m, p);
+}
+inline __m512 load(const float* p, __mmask16 m) {
+  return m == 0xFFFF ? _mm512_loadu_ps(p) : _mm512_maskz_loadu_ps(m, p);
+}
+inline __m512 load(const at::BFloat16* p, __mmask16 m) { return widen_bf16(load16(p, m)); }
+inline __m512 load(const at::Half* p, __mmask16 m) { return _mm512_cvtph_ps(load16(p, m)); }
+
+inline __m256i narrow(__m512 x, const at::BFloat16*) {
+#ifdef __AVX512BF16__
+  return (__m256i)_mm512_cvtneps_pbh(x);
+#else  // round to nearest even on the bits (NaN aside)
+  const __m512i u = _mm512_castps_si512(x);
+  const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+  const __m512i up = _mm512_add_epi32(u, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF)));
+  return _mm512_cvtepi32_epi16(_mm512_srli_epi32(up, 16));
+#endif
+}
+inline __m256i narrow(__m512 x, const at::Half*) {
+  return _mm512_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+}
+
+template <typename T> inline void store(T* p, __m512 x, __mmask16 m) {
+  if (m == 0xFFFF) _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), narrow(x, p));
+  else _mm256_mask_storeu_epi16(p, m, narrow(x, p));
+}
+
+// x rounded to T and back: where the reference rounds between two ops.
+inline __m512 rounded(__m512 x, const at::BFloat16* tag) { return widen_bf16(narrow(x, tag)); }
+inline __m512 rounded(__m512 x, const at::Half* tag) { return _mm512_cvtph_ps(narrow(x, tag)); }
+
+// e^x (Cephes' expf: 2^n * p(r), |r| <= ln2 / 2; relative error ~2e-7); x below -87 gives ~1e-38.
+inline __m512 exp(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
+  x = _mm512_min_ps(x, _mm512_set1_ps(88.0f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+  return _mm512_scalef_ps(p, n);
+}
+
+// The 16 sums of 16 vectors' lanes: out[i] = sum of v[i]'s lanes (a transpose-and-add tree, 45 instructions
+// instead of 16 horizontal reductions).
+inline __m512 sum16x16(const __m512* v) {
+  __m512 t[8], w[4];
+  for (int i = 0; i < 8; ++i)
+    t[i] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]), _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]));
+  for (int i = 0; i < 4; ++i)
+    w[i] = _mm512_add_ps(_mm512_shuffle_ps(t[2 * i], t[2 * i + 1], 0x44),
+                         _mm512_shuffle_ps(t[2 * i], t[2 * i + 1], 0xEE));
+  const __m512 x = _mm512_add_ps(_mm512_shuffle_f32x4(w[0], w[1], 0x88), _mm512_shuffle_f32x4(w[0], w[1], 0xDD));
+  const __m512 y = _mm512_add_ps(_mm512_shuffle_f32x4(w[2], w[3], 0x88), _mm512_shuffle_f32x4(w[2], w[3], 0xDD));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(x, y, 0x88), _mm512_shuffle_f32x4(x, y, 0xDD));
+}
+
+// Prefetch one head's rows of one block into the caches: blocks are scattered over the pool, and the hardware
+// prefetcher would only catch up with each after several misses.
+inline void prefetch_rows(const void* rows, int64_t bytes) {
+  const char* p = reinterpret_cast<const char*>(rows);
+  for (int64_t off = 0; off < bytes; off += 64) _mm_prefetch(p + off, _MM_HINT_T0);
+}
+
+}  // namespace twinkle
+#endif
