@@ -17,8 +17,8 @@ sample generates exactly its ``max_tokens``; ``--systems`` picks them):
 
 Next to them, the GEMM-only bound: the model's own projections and lm_head for one decode step at the batch
 size (min(samples, max_num_seqs)), timed alone in the same dtype and threads: no engine decodes faster. "of bound+p"
-also counts the prompts' GEMMs (each prompt token at a decode token's cost, each prompt once): a workload's
-ceiling when prefill is part of the timed run.
+also counts the prompts' GEMMs (each prompt once, at the rate of 2,048-row GEMMs): the workload's ceiling when
+prefill is part of the timed run, as it is here.
 
 Workloads (``--workloads``, seeded chat prompts of the default model's template, see ``WORKLOADS``): (i) ``short``
 256 requests x 128 tokens, 20-40-token prompts; (ii) ``mixed`` 64 requests, 20-300-token prompts, 16-128 tokens;
@@ -172,6 +172,9 @@ def _config_model(model_dir: Path, dtype: str) -> Any:
     return SimpleNamespace(config=AutoConfig.from_pretrained(model_dir), dtype=DTYPES[dtype])
 
 
+PREFILL_ROWS = 2048  # prompt tokens per forward for the prefill GEMM rate
+
+
 def gemm_bound(model_dir: Path, dtype: str, batch: int, steps: int = 20) -> float:
     """Tokens/s if a decode step cost only the model's GEMMs at ``batch`` rows (best of ``steps`` timings)."""
     from transformers import AutoConfig
@@ -294,20 +297,32 @@ def _ratio(value: float, base: Optional[float]) -> str:
     return f'{value / base:.2f}x' if base else '-'
 
 
-def report(model: str, dtype: str, name: str, workload: Workload, results: list[SystemResult], bound: float,
+@dataclass(frozen=True)
+class Bounds:
+    """GEMM-only rates (tokens/s): ``decode`` at the workload's batch, ``prefill`` at ``PREFILL_ROWS`` rows."""
+
+    decode: float
+    prefill: float
+
+    def with_prompts(self, workload: Workload) -> float:
+        """Useful tokens/s if the run cost only the GEMMs of its decode steps and of its prompts (each once)."""
+        prompt_tokens = sum(len(prompt) for prompt in workload.prompts)
+        return workload.useful_tokens / (workload.useful_tokens / self.decode + prompt_tokens / self.prefill)
+
+
+def report(model: str, dtype: str, name: str, workload: Workload, results: list[SystemResult], bounds: Bounds,
            batch: int) -> dict[str, Any]:
     """Print one workload's table and parity; return the same figures for JSON."""
     by_label = {r.system[:4].strip(): r for r in results}
     base = {key: by_label[key].tokens_per_s if key in by_label else None for key in ("(a')", '(b)', '(d)')}
-    prompt_tokens = sum(len(prompt) for prompt in workload.prompts)
-    with_prompts = bound * workload.useful_tokens / (workload.useful_tokens + prompt_tokens)
+    bound, with_prompts = bounds.decode, bounds.with_prompts(workload)
     rows = [[r.system, r.tokens, r.seconds, r.tokens_per_s, f'{r.tokens_per_s / bound:.2f}',
              f'{r.tokens_per_s / with_prompts:.2f}', *(_ratio(r.tokens_per_s, b) for b in base.values()),
              r.peak_samples or '-', f'{r.peak_rss_mib:.0f}', f'{r.cpu_util:.2f}', f'{100 * r.cpu_stall:.0f}%']
             for r in results]
     print(f'\n=== model={model} dtype={dtype} workload {name}: {workload.describe()}')
-    print(f'GEMM-only bound at batch {batch}: {bound:.0f} tok/s; {with_prompts:.0f} tok/s with the GEMMs of the '
-          f'{prompt_tokens} prompt tokens too (each costing a decode token\'s), "of bound+p"')
+    print(f'GEMM-only bound at batch {batch}: {bound:.0f} tok/s; with the prompts\' GEMMs too ({bounds.prefill:.0f} '
+          f'prompt tokens/s at {PREFILL_ROWS} rows): {with_prompts:.0f} tok/s ("of bound+p")')
     print(format_table(['system', 'tokens', 'seconds', 'tokens/s', 'of bound', 'of bound+p', "vs (a')", 'vs (b)',
                         'vs (d)', 'peak samples', 'peak rss MiB', 'cpu util', 'cpu stall'], rows))
     parity = {}
@@ -355,7 +370,8 @@ def run_workload(model: str, model_dir: Path, name: str, workload: Workload, arg
               f'(pressure before: {pressure}%)', flush=True)
         results.append(result)
     batch = min(len(workload) * workload.num_samples, n)
-    return report(model, args.dtype, name, workload, results, gemm_bound(model_dir, args.dtype, batch), batch)
+    bounds = Bounds(gemm_bound(model_dir, args.dtype, batch), gemm_bound(model_dir, args.dtype, PREFILL_ROWS))
+    return report(model, args.dtype, name, workload, results, bounds, batch)
 
 
 WORKLOADS = {  # name: (requests, prompt tokens, max_tokens, samples per request, kv_cache_memory_bytes)
