@@ -4,10 +4,13 @@ keeps using ATen ops and SDPA and logs why).
 ``decode_attention`` reads each row's own cached length from its blocks of the paged cache in place (no gather, no
 padding to the longest row, no mask) with the grouped query heads sharing each K/V row as it is loaded; for
 bfloat16 with head size 64 or 128 on CPUs with AVX-512 BF16 it runs vectorised bf16 dot products
-(``benchmarks/bench_decode_attention.py`` compares it with SDPA). ``rms_norm`` (with the residual add),
-``rotary_``, ``silu_mul`` and ``write_rows_`` (K/V rows into their blocks) each replace several ATen ops of a layer
-for half-precision models (:class:`~twinkle_async.engines.torch.native.ops.FusedOps`). The build is cached by torch
-(``TORCH_EXTENSIONS_DIR``), once per kind of CPU (it is compiled for the CPU it runs on), in ~30-60 s.
+(``benchmarks/bench_decode_attention.py`` compares it with SDPA). ``prefill_attention`` does the same for prompt
+rows (whole prompts and chunks after cached positions, causally; bfloat16 on AVX-512 BF16, see
+``has_prefill_attention``). ``rms_norm`` (with the residual add), ``rotary_``, ``silu_mul`` and ``write_rows_`` (K/V
+rows into their blocks) each replace several ATen ops of a layer for half-precision models
+(:class:`~twinkle_async.engines.torch.native.ops.FusedOps`); ``argmax`` picks greedy tokens in one pass. The build
+is cached by torch (``TORCH_EXTENSIONS_DIR``), once per kind of CPU (it is compiled for the CPU it runs on), in
+~30-60 s.
 """
 
 from __future__ import annotations
