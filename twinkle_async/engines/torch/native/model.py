@@ -88,11 +88,13 @@ class DecoderLayer(nn.Module):
         self.down_proj = nn.Linear(shape.intermediate, shape.hidden, bias=shape.mlp_bias)
         self.act = _activation(shape.activation)
 
-    def forward(self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attention: Attention,
-                lora: Optional[LoraDelta], ops: TorchOps) -> torch.Tensor:
-        """The layer's output for ``hidden`` ``[T, hidden]``, which it updates in place (residual adds)."""
+    def forward(self, hidden: torch.Tensor, pending: Optional[torch.Tensor], cos: torch.Tensor, sin: torch.Tensor,
+                attention: Attention, lora: Optional[LoraDelta],
+                ops: TorchOps) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(hidden, pending)`` after this layer, for ``hidden`` ``[T, hidden]`` plus the previous layer's
+        ``pending`` output (added in place by this layer's first norm, as the next layer's adds this one's)."""
         shape = self.shape
-        x = self.input_layernorm.normalize(ops, hidden)
+        x = self.input_layernorm.normalize(ops, hidden, pending)
         qkv = self._linear(self.qkv, 'qkv', x, lora)
         q, k, v = qkv.split([shape.q_size, shape.kv_size, shape.kv_size], dim=-1)
         q = q.view(-1, shape.heads, shape.head_dim)
@@ -103,7 +105,7 @@ class DecoderLayer(nn.Module):
         out = attention(self.index, q, k, v.view(-1, shape.kv_heads, shape.head_dim))
         x = self.post_attention_layernorm.normalize(ops, hidden, self._linear(self.o_proj, 'o_proj', out, lora))
         gated = ops.act_mul(self._linear(self.gate_up, 'gate_up', x, lora), self.act)
-        return hidden.add_(self._linear(self.down_proj, 'down_proj', gated, lora))
+        return hidden, self._linear(self.down_proj, 'down_proj', gated, lora)
 
     def _linear(self, linear: nn.Linear, name: str, x: torch.Tensor, lora: Optional[LoraDelta]) -> torch.Tensor:
         out = linear(x)
@@ -148,11 +150,11 @@ class NativeCausalLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attention: Attention,
                 lora: Optional[LoraDelta] = None) -> torch.Tensor:
         """Final hidden states ``[T, hidden]`` of the packed tokens ``input_ids`` at ``positions``."""
-        hidden = self.embed_tokens(input_ids)
+        hidden, pending = self.embed_tokens(input_ids), None
         cos, sin = self.cos[positions], self.sin[positions]
         for layer in self.layers:
-            hidden = layer(hidden, cos, sin, attention, lora, self.ops)
-        return self.norm.normalize(self.ops, hidden)
+            hidden, pending = layer(hidden, pending, cos, sin, attention, lora, self.ops)
+        return self.norm.normalize(self.ops, hidden, pending)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden)
