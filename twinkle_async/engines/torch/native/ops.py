@@ -13,6 +13,8 @@ from typing import Any, Callable, Optional
 import torch
 import torch.nn.functional as F
 
+from twinkle_async.engines.torch.native.kernels import cpu_kernels
+
 __all__ = ['TorchOps', 'FusedOps', 'layer_ops']
 
 Activation = Callable[[torch.Tensor], torch.Tensor]
@@ -72,7 +74,5 @@ def layer_ops(dtype: torch.dtype, device: torch.device) -> TorchOps:
     """:class:`FusedOps` for a half-precision model on CPU where the kernels build, else :class:`TorchOps`."""
     if device.type != 'cpu' or dtype not in (torch.bfloat16, torch.float16):
         return TorchOps()
-    from twinkle_async.engines.torch.native.kernels import cpu_kernels
-
     kernels = cpu_kernels()
     return FusedOps(kernels) if kernels is not None else TorchOps()

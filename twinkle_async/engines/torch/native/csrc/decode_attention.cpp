@@ -7,9 +7,6 @@
 #include <cmath>
 #include <vector>
 #include "simd.h"
-#if defined(TWINKLE_AVX512) && defined(__AVX512BF16__)
-#define TWINKLE_BF16_FAST 1
-#endif
 
 template <typename T> static inline float f(T x) { return static_cast<float>(x); }
 
@@ -68,7 +65,7 @@ static void run(const T* q, int64_t q_stride, const T* k, const T* v, T* out, co
   }
 }
 
-#ifdef TWINKLE_BF16_FAST
+#ifdef TWINKLE_AVX512_BF16
 // Softmax of scores[0, L) in place, 16 lanes at a time (the tail masked).
 static inline void softmax16(float* scores, int64_t L) {
   __m512 m = _mm512_set1_ps(-INFINITY);
@@ -109,13 +106,8 @@ static void run_bf16(const at::BFloat16* q, int64_t q_stride, const at::BFloat16
     #pragma omp for schedule(dynamic, 4)
     for (int64_t i = 0; i < B * Hkv; ++i) {
       const int64_t b = i / Hkv, h = i % Hkv, L = lengths[b], padded = (L + 15) / 16 * 16;
-      const int64_t* table = tables + b * W;
       scores.resize(G * padded);
-      rows.resize(padded);
-      for (int64_t t = 0, blk = 0; t < L; ++blk)
-        for (int64_t row = table[blk] * block_stride + h * head_stride; t < std::min(L, (blk + 1) * bs); ++t, row += D)
-          rows[t] = row;
-      for (int64_t t = L; t < padded; ++t) rows[t] = rows[0];  // read again, ignored
+      twinkle::row_offsets(rows, tables + b * W, L, bs, block_stride, h * head_stride, D);
       __m512i qv[G][C];
       for (int g = 0; g < G; ++g)
         for (int c = 0; c < C; ++c)
@@ -124,14 +116,7 @@ static void run_bf16(const at::BFloat16* q, int64_t q_stride, const at::BFloat16
       for (int64_t t0 = 0; t0 < padded; t0 += 16) {
         if (t0 + 16 < L) twinkle::prefetch_rows(k + rows[t0 + 16], std::min<int64_t>(16, L - t0 - 16) * D * 2);
         for (int g = 0; g < G; ++g) {
-          __m512 dots[16];
-          for (int j = 0; j < 16; ++j) {
-            __m512 dot = _mm512_setzero_ps();
-            for (int c = 0; c < C; ++c)
-              dot = _mm512_dpbf16_ps(dot, (__m512bh)qv[g][c], (__m512bh)_mm512_loadu_si512(k + rows[t0 + j] + 32 * c));
-            dots[j] = dot;
-          }
-          const __m512 scaled = _mm512_mul_ps(twinkle::sum16x16(dots), _mm512_set1_ps(scale));
+          const __m512 scaled = _mm512_mul_ps(twinkle::dot16<C>(qv[g], k, rows.data() + t0), _mm512_set1_ps(scale));
           _mm512_storeu_ps(scores.data() + g * padded + t0, scaled);
         }
       }
@@ -145,8 +130,7 @@ static void run_bf16(const at::BFloat16* q, int64_t q_stride, const at::BFloat16
           twinkle::prefetch_rows(v + rows[t + 16], std::min<int64_t>(16, L - t - 16) * D * 2);
         const at::BFloat16* vt = v + rows[t];
         __m512 row[2 * C];
-        for (int c = 0; c < 2 * C; ++c)  // bf16 -> fp32: the 16 bits become the high half of each lane
-          row[c] = twinkle::widen_bf16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(vt + 16 * c)));
+        for (int c = 0; c < 2 * C; ++c) row[c] = twinkle::load(vt + 16 * c, 0xFFFF);
         for (int g = 0; g < G; ++g) {
           const __m512 w = _mm512_set1_ps(scores[g * padded + t]);
           for (int c = 0; c < 2 * C; ++c) acc[g][c] = _mm512_fmadd_ps(w, row[c], acc[g][c]);
@@ -191,7 +175,7 @@ torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v
   const int64_t B = q.size(0), H = q.size(1), D = q.size(2), Hkv = k.size(1), bs = k.size(2), W = tables.size(1);
   TORCH_CHECK(B == 0 || lengths.max().item<int64_t>() <= W * bs, "a length is past the block table");
   auto out = torch::empty({B, H, D}, q.options());
-#ifdef TWINKLE_BF16_FAST
+#ifdef TWINKLE_AVX512_BF16
   if (FastKernel fast = q.scalar_type() == at::kBFloat16 ? fast_kernel(D, H / Hkv) : nullptr) {
     fast(q.data_ptr<at::BFloat16>(), q.stride(0), k.data_ptr<at::BFloat16>(), v.data_ptr<at::BFloat16>(),
          out.data_ptr<at::BFloat16>(), tables.data_ptr<int64_t>(), W, bs, lengths.data_ptr<int64_t>(), B, Hkv,

@@ -135,8 +135,9 @@ void argmax_rows(const T* x, int64_t* out, int64_t rows, int64_t n) {
       __m512i at = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
       for (int64_t j = 0; j < n; j += 16, at = _mm512_add_epi32(at, _mm512_set1_epi32(16))) {
         const __mmask16 m = first(n - j);
-        const __mmask16 above = _mm512_mask_cmp_ps_mask(m, load(xi + j, m), best, _CMP_GT_OQ);
-        best = _mm512_mask_mov_ps(best, above, load(xi + j, m));
+        const __m512 xj = load(xi + j, m);
+        const __mmask16 above = _mm512_mask_cmp_ps_mask(m, xj, best, _CMP_GT_OQ);
+        best = _mm512_mask_mov_ps(best, above, xj);
         where = _mm512_mask_mov_epi32(where, above, at);
       }
       const float top = _mm512_reduce_max_ps(best);

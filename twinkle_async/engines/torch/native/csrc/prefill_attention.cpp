@@ -13,11 +13,8 @@
 #include <vector>
 
 #include "simd.h"
-#if defined(TWINKLE_AVX512) && defined(__AVX512BF16__)
-#define TWINKLE_PREFILL_FAST 1
-#endif
 
-#ifdef TWINKLE_PREFILL_FAST
+#ifdef TWINKLE_AVX512_BF16
 namespace {
 
 constexpr int TILES = 4;  // 16-position tiles per softmax update (64 positions)
@@ -40,11 +37,8 @@ void prefill_bf16(const at::BFloat16* q, int64_t q_stride, const at::BFloat16* k
     for (int64_t item = begin; item < end; ++item) {
       const auto [s, h, i0] = items[item];
       const int64_t first = spans[4 * s], n = spans[4 * s + 1] - first, start = spans[4 * s + 3];
-      const int64_t* table = tables + spans[4 * s + 2] * W;
       const int64_t count = std::min<int64_t>(16, n - i0), length = start + i0 + count;
-      rows.resize((length + 15) / 16 * 16);
-      for (int64_t t = 0; t < length; ++t) rows[t] = table[t / bs] * block_stride + h * head_stride + (t % bs) * D;
-      for (int64_t t = length; t < (int64_t)rows.size(); ++t) rows[t] = rows[0];  // read, weighted 0
+      twinkle::row_offsets(rows, tables + spans[4 * s + 2] * W, length, bs, block_stride, h * head_stride, D);
       std::fill(acc.begin(), acc.end(), _mm512_setzero_ps());
       std::fill(top.begin(), top.end(), -INFINITY);
       std::fill(sum.begin(), sum.end(), 0.f);
@@ -69,17 +63,10 @@ void prefill_bf16(const at::BFloat16* q, int64_t q_stride, const at::BFloat16* k
             __mmask16 seen[TILES];
             __m512 high = _mm512_set1_ps(-INFINITY);
             for (int u = 0; u < tiles; ++u) {
-              __m512 dots[16];
-              for (int j = 0; j < 16; ++j) {
-                __m512 dot = _mm512_setzero_ps();
-                for (int c = 0; c < C; ++c)
-                  dot = _mm512_dpbf16_ps(dot, (__m512bh)qv[c],
-                                         (__m512bh)_mm512_loadu_si512(k + rows[t0 + 16 * u + j] + 32 * c));
-                dots[j] = dot;
-              }
+              const __m512 dots = twinkle::dot16<C>(qv, k, rows.data() + t0 + 16 * u);
               seen[u] = last - t0 - 16 * u < 0 ? (__mmask16)0 : twinkle::first(last - t0 - 16 * u + 1);
               scores[u] = _mm512_mask_mov_ps(_mm512_set1_ps(-INFINITY), seen[u],
-                                             _mm512_mul_ps(twinkle::sum16x16(dots), _mm512_set1_ps(scale)));
+                                             _mm512_mul_ps(dots, _mm512_set1_ps(scale)));
               high = _mm512_max_ps(high, scores[u]);
             }
             float& m = top[g * 16 + r];
@@ -137,7 +124,7 @@ PrefillKernel prefill_kernel(int64_t D, int64_t G) {
 
 // Whether prefill_attention serves bfloat16 models of this head size and query heads per K/V head here.
 bool has_prefill_attention(int64_t head_dim, int64_t group) {
-#ifdef TWINKLE_PREFILL_FAST
+#ifdef TWINKLE_AVX512_BF16
   return prefill_kernel(head_dim, group) != nullptr;
 #else
   (void)head_dim, (void)group;
@@ -168,7 +155,7 @@ torch::Tensor prefill_attention(torch::Tensor q, torch::Tensor k, torch::Tensor 
                 s[4 * i + 2] < tables.size(0) && s[4 * i + 3] >= 0 &&
                 s[4 * i + 3] + s[4 * i + 1] - s[4 * i] <= W * bs, "prefill_attention: a span is out of range");
   auto out = torch::zeros({T, H, D}, q.options());
-#ifdef TWINKLE_PREFILL_FAST
+#ifdef TWINKLE_AVX512_BF16
   prefill_kernel(D, H / Hkv)(q.data_ptr<at::BFloat16>(), q.stride(0), k.data_ptr<at::BFloat16>(),
                              v.data_ptr<at::BFloat16>(), out.data_ptr<at::BFloat16>(), tables.data_ptr<int64_t>(), W,
                              bs, s, spans.size(0), Hkv, k.stride(1), k.stride(0), (float)scale);

@@ -3,9 +3,23 @@
 // keep a portable loop otherwise.
 #pragma once
 #include <ATen/ATen.h>
+#include <algorithm>
 #include <type_traits>
+#include <vector>
 
 namespace twinkle {
+// Where positions 0..length-1 of one K/V head live in a paged pool, as element offsets (`table`: the sequence's
+// blocks of `bs` positions, `head_offset`: the head's offset in a block), padded to a multiple of 16 with
+// position 0's (read with the rest, then weighted 0 or ignored).
+inline void row_offsets(std::vector<int64_t>& rows, const int64_t* table, int64_t length, int64_t bs,
+                        int64_t block_stride, int64_t head_offset, int64_t dim) {
+  rows.resize((length + 15) / 16 * 16);
+  for (int64_t t = 0, blk = 0; t < length; ++blk)
+    for (int64_t row = table[blk] * block_stride + head_offset; t < std::min(length, (blk + 1) * bs); ++t, row += dim)
+      rows[t] = row;
+  std::fill(rows.begin() + length, rows.end(), rows[0]);
+}
+
 // make(std::integral_constant<int, G>) for G = group in 1..8 (query heads per K/V head: kernels are compiled per
 // group so their accumulators live in registers), or make's type default-constructed (nullptr) for other groups.
 template <typename Make> auto by_group(int64_t group, Make make) {
@@ -105,6 +119,22 @@ inline void prefetch_rows(const void* rows, int64_t bytes) {
   const char* p = reinterpret_cast<const char*>(rows);
   for (int64_t off = 0; off < bytes; off += 64) _mm_prefetch(p + off, _MM_HINT_T0);
 }
+
+#if defined(__AVX512BF16__)
+#define TWINKLE_AVX512_BF16 1
+// q.k for the 16 positions at offsets rows[0..15] of k: bf16 pair dot products (vdpbf16ps) summed in fp32; C zmm
+// (32 bf16 each) per row.
+template <int C> inline __m512 dot16(const __m512i* q, const at::BFloat16* k, const int64_t* rows) {
+  __m512 dots[16];
+  for (int j = 0; j < 16; ++j) {
+    __m512 dot = _mm512_setzero_ps();
+    for (int c = 0; c < C; ++c)
+      dot = _mm512_dpbf16_ps(dot, (__m512bh)q[c], (__m512bh)_mm512_loadu_si512(k + rows[j] + 32 * c));
+    dots[j] = dot;
+  }
+  return sum16x16(dots);
+}
+#endif
 
 }  // namespace twinkle
 #endif
