@@ -5,6 +5,10 @@ each row's cached length drawn between half and all of ``--length``; the kernel 
 blocks (16 positions each, scattered over the pool) in place, SDPA reads every row up to the longest (gathered into
 a padded slot cache beforehand, untimed) under a mask. Best of ``--repeats``; the outputs are compared.
 
+Two layouts per length: "own" (every row its own blocks) and "shared" (GRPO-shaped: rows in groups of ``--group``
+share the blocks of a prompt of ``longest - 128`` positions, as the samples of one request do, then each has its
+own blocks for its last up to 128 positions).
+
 Run:
     .venv/bin/python benchmarks/bench_decode_attention.py
 """
@@ -40,6 +44,7 @@ def main() -> None:
     parser.add_argument('--rows', type=int, default=256)
     parser.add_argument('--lengths', default='100,500,2000', help='longest cached length per case')
     parser.add_argument('--repeats', type=int, default=10)
+    parser.add_argument('--group', type=int, default=8, help='rows sharing a prompt in the "shared" layout')
     args = parser.parse_args()
     kernel = cpu_kernels()
     if kernel is None:
@@ -49,13 +54,17 @@ def main() -> None:
     table, results = [], []
     torch.manual_seed(0)
     for dtype in (torch.float32, torch.bfloat16):
-        for longest in (int(n) for n in args.lengths.split(',')):
+        for longest, layout in ((int(n), layout) for n in args.lengths.split(',') for layout in ('own', 'shared')):
             width = -(-longest // BLOCK)
             pool_keys = torch.randn(rows * width, kv_heads, BLOCK, dim, dtype=dtype)
             pool_values = torch.randn(rows * width, kv_heads, BLOCK, dim, dtype=dtype)
             tables = torch.randperm(rows * width).view(rows, width).contiguous()
-            query = torch.randn(rows, heads, dim, dtype=dtype)
             lengths = torch.randint(longest // 2, longest + 1, (rows,))
+            if layout == 'shared':
+                prompt_blocks = max(longest - 128, 0) // BLOCK
+                tables[:, :prompt_blocks] = tables[::args.group, :prompt_blocks].repeat_interleave(args.group, 0)[:rows]
+                lengths = torch.randint(prompt_blocks * BLOCK + 1, longest + 1, (rows,))
+            query = torch.randn(rows, heads, dim, dtype=dtype)
             keys, values = (pool[tables].transpose(1, 2).flatten(2, 3)[:, :, :longest]
                             for pool in (pool_keys, pool_values))
             visible = torch.arange(longest)[None] < lengths[:, None]
@@ -66,11 +75,11 @@ def main() -> None:
                            torch.get_num_threads())
             gap = (ours().float() - sdpa().view(rows, heads, dim).float()).abs().max().item()
             ms_sdpa, ms_ours = best_ms(sdpa, args.repeats), best_ms(ours, args.repeats)
-            table.append([str(dtype).removeprefix('torch.'), longest, f'{ms_sdpa:.2f}', f'{ms_ours:.2f}',
+            table.append([str(dtype).removeprefix('torch.'), longest, layout, f'{ms_sdpa:.2f}', f'{ms_ours:.2f}',
                           f'{ms_sdpa / ms_ours:.2f}x', f'{gap:.1e}'])
-            results.append({'dtype': str(dtype), 'longest': longest, 'sdpa_ms': ms_sdpa, 'kernel_ms': ms_ours,
-                            'max_abs_difference': gap})
-    print(format_table(['dtype', 'longest', 'SDPA ms', 'kernel ms', 'speed-up', 'max |diff|'], table))
+            results.append({'dtype': str(dtype), 'longest': longest, 'layout': layout, 'sdpa_ms': ms_sdpa,
+                            'kernel_ms': ms_ours, 'max_abs_difference': gap})
+    print(format_table(['dtype', 'longest', 'blocks', 'SDPA ms', 'kernel ms', 'speed-up', 'max |diff|'], table))
     save_results(args, results=results)
 
 

@@ -81,8 +81,9 @@ def test_bad_shapes_are_refused_by_name(kernel):
                                 1.0, 1)
     with pytest.raises(RuntimeError, match='tables: contiguous int64'):
         kernel.decode_attention(torch.zeros(2, 4, 32), keys, keys, tables[:1], torch.tensor([1, 2]), 1.0, 1)
-    with pytest.raises(RuntimeError, match='past the block table'):
-        kernel.decode_attention(torch.zeros(2, 4, 32), keys, keys, tables, torch.tensor([1, 17]), 1.0, 1)
+    for lengths in ([1, 17], [0, 2]):  # past the table's 2 blocks of 8; a row with nothing to attend to
+        with pytest.raises(RuntimeError, match=r'each length must be in 1\.\.block table width \* block_size'):
+            kernel.decode_attention(torch.zeros(2, 4, 32), keys, keys, tables, torch.tensor(lengths), 1.0, 1)
     if kernel.has_prefill_attention(32, 2):
         return
     with pytest.raises(RuntimeError, match='not built for this head size'):

@@ -66,8 +66,8 @@ static void run(const T* q, int64_t q_stride, const T* k, const T* v, T* out, co
 }
 
 #ifdef TWINKLE_AVX512_BF16
-// Softmax of scores[0, L) in place, 16 lanes at a time (the tail masked).
-static inline void softmax16(float* scores, int64_t L) {
+// e^(s - max s) for scores s[0, L) in place, 16 lanes at a time (the tail masked); returns 1 / their sum.
+static inline float exp_shifted16(float* scores, int64_t L) {
   __m512 m = _mm512_set1_ps(-INFINITY);
   for (int64_t t = 0; t < L; t += 16) {
     const __mmask16 keep = twinkle::first(L - t);
@@ -81,17 +81,15 @@ static inline void softmax16(float* scores, int64_t L) {
     sum = _mm512_mask_add_ps(sum, keep, sum, e);
     _mm512_mask_storeu_ps(scores + t, keep, e);
   }
-  const __m512 inv = _mm512_set1_ps(1.f / _mm512_reduce_add_ps(sum));
-  for (int64_t t = 0; t < L; t += 16) {
-    const __mmask16 keep = twinkle::first(L - t);
-    _mm512_mask_storeu_ps(scores + t, keep, _mm512_mul_ps(_mm512_maskz_loadu_ps(keep, scores + t), inv));
-  }
+  return 1.f / _mm512_reduce_add_ps(sum);
 }
 
 // bfloat16 rows of head size D (64 or 128) for G query heads per K/V head, with AVX-512. Scores: q.k as bf16 pair
 // dot products accumulated in fp32 (vdpbf16ps; q and k are bf16 already, so nothing is rounded before the sum),
-// 16 positions at a time; softmax in fp32; values widened to fp32 and accumulated with FMAs in registers. Each
-// K/V row is read once for the G heads of its group, each block prefetched while the one before it is read.
+// 16 positions at a time; softmax in fp32, its e^(s - max) rounded to bf16 and multiplied with the values as bf16
+// pair dot products too (two positions per vdpbf16ps, as the prefill kernel and FlashAttention do) into fp32
+// accumulators in registers, divided by the sum at the end. Each K/V row is read once for the G heads of its
+// group, each block prefetched while the one before it is read.
 template <int D, int G>
 static void run_bf16(const at::BFloat16* q, int64_t q_stride, const at::BFloat16* k, const at::BFloat16* v,
                      at::BFloat16* out,
@@ -102,11 +100,13 @@ static void run_bf16(const at::BFloat16* q, int64_t q_stride, const at::BFloat16
   #pragma omp parallel num_threads(threads)
   {
     std::vector<float> scores;
+    std::vector<int32_t> weights;
     std::vector<int64_t> rows;  // each position's row, as an offset into either pool
     #pragma omp for schedule(dynamic, 4)
-    for (int64_t i = 0; i < B * Hkv; ++i) {
+    for (int64_t i = 0; i < B * Hkv; ++i) {  // row by row: a block holds the row's K/V heads side by side
       const int64_t b = i / Hkv, h = i % Hkv, L = lengths[b], padded = (L + 15) / 16 * 16;
       scores.resize(G * padded);
+      weights.resize(G * padded / 2);
       twinkle::row_offsets(rows, tables + b * W, L, bs, block_stride, h * head_stride, D);
       __m512i qv[G][C];
       for (int g = 0; g < G; ++g)
@@ -120,27 +120,30 @@ static void run_bf16(const at::BFloat16* q, int64_t q_stride, const at::BFloat16
           _mm512_storeu_ps(scores.data() + g * padded + t0, scaled);
         }
       }
-      for (int g = 0; g < G; ++g) softmax16(scores.data() + g * padded, L);
+      float inv[G];
+      for (int g = 0; g < G; ++g) {  // e^(s - max) as bf16, (p[2j], p[2j + 1]) per 32-bit word, 0 past L
+        float* sg = scores.data() + g * padded;
+        inv[g] = exp_shifted16(sg, L);
+        for (int64_t t0 = 0; t0 < padded; t0 += 16)
+          _mm256_storeu_si256(reinterpret_cast<__m256i*>(weights.data() + g * padded / 2 + t0 / 2),
+                              (__m256i)_mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(twinkle::first(L - t0), sg + t0)));
+      }
       __m512 acc[G][2 * C];
       for (int g = 0; g < G; ++g)
         for (int c = 0; c < 2 * C; ++c) acc[g][c] = _mm512_setzero_ps();
       twinkle::prefetch_rows(v + rows[0], std::min<int64_t>(L, bs) * D * 2);
-      for (int64_t t = 0; t < L; ++t) {
-        if (t % 16 == 0 && t + 16 < L)
-          twinkle::prefetch_rows(v + rows[t + 16], std::min<int64_t>(16, L - t - 16) * D * 2);
-        const at::BFloat16* vt = v + rows[t];
-        __m512 row[2 * C];
-        for (int c = 0; c < 2 * C; ++c) row[c] = twinkle::load(vt + 16 * c, 0xFFFF);
+      for (int64_t j = 0; 2 * j < L; ++j) {  // positions 2j and 2j + 1 (past L: position 0's row, weighted 0)
+        if (j % 8 == 0 && 2 * j + 16 < L)
+          twinkle::prefetch_rows(v + rows[2 * j + 16], std::min<int64_t>(16, L - 2 * j - 16) * D * 2);
+        __m512i pairs[2 * C];
+        twinkle::interleave<C>(v + rows[2 * j], v + rows[2 * j + 1], pairs);
         for (int g = 0; g < G; ++g) {
-          const __m512 w = _mm512_set1_ps(scores[g * padded + t]);
-          for (int c = 0; c < 2 * C; ++c) acc[g][c] = _mm512_fmadd_ps(w, row[c], acc[g][c]);
+          const __m512bh w = (__m512bh)_mm512_set1_epi32(weights[g * padded / 2 + j]);
+          for (int c = 0; c < 2 * C; ++c) acc[g][c] = _mm512_dpbf16_ps(acc[g][c], w, (__m512bh)pairs[c]);
         }
       }
       for (int g = 0; g < G; ++g)
-        for (int c = 0; c < C; ++c) {  // round to nearest even, as static_cast<BFloat16> does
-          const __m512bh packed = _mm512_cvtne2ps_pbh(acc[g][2 * c + 1], acc[g][2 * c]);
-          _mm512_storeu_si512(reinterpret_cast<void*>(out + (b * heads + h * G + g) * D + 32 * c), (__m512i)packed);
-        }
+        twinkle::store_interleaved<C>(out + (b * heads + h * G + g) * D, acc[g], _mm512_set1_ps(inv[g]));
     }
   }
 }
@@ -173,7 +176,9 @@ torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v
               tables.size(0) >= q.size(0), "tables: contiguous int64 [>= B, W]");
   TORCH_CHECK(q.size(1) % k.size(1) == 0, "H must be a multiple of H_kv");
   const int64_t B = q.size(0), H = q.size(1), D = q.size(2), Hkv = k.size(1), bs = k.size(2), W = tables.size(1);
-  TORCH_CHECK(B == 0 || lengths.max().item<int64_t>() <= W * bs, "a length is past the block table");
+  const int64_t* L = lengths.data_ptr<int64_t>();
+  TORCH_CHECK(std::all_of(L, L + B, [&](int64_t n) { return 0 < n && n <= W * bs; }),
+              "each length must be in 1..block table width * block_size");
   auto out = torch::empty({B, H, D}, q.options());
 #ifdef TWINKLE_AVX512_BF16
   if (FastKernel fast = q.scalar_type() == at::kBFloat16 ? fast_kernel(D, H / Hkv) : nullptr) {

@@ -46,12 +46,7 @@ void prefill_bf16(const at::BFloat16* q, int64_t q_stride, const at::BFloat16* k
         __m512i pairs[8 * TILES][2 * C];  // values of positions (2j, 2j+1) interleaved per dimension, for vdpbf16ps
         const int tiles = (int)std::min<int64_t>(TILES, (length - t0 + 15) / 16);
         for (int j = 0; j < 8 * tiles; ++j)
-          for (int c = 0; c < C; ++c) {
-            const __m512i a = _mm512_loadu_si512(v + rows[t0 + 2 * j] + 32 * c);
-            const __m512i b = _mm512_loadu_si512(v + rows[t0 + 2 * j + 1] + 32 * c);
-            pairs[j][2 * c] = _mm512_unpacklo_epi16(a, b);
-            pairs[j][2 * c + 1] = _mm512_unpackhi_epi16(a, b);
-          }
+          twinkle::interleave<C>(v + rows[t0 + 2 * j], v + rows[t0 + 2 * j + 1], pairs[j]);
         for (int g = 0; g < G; ++g)
           for (int64_t r = 0; r < count; ++r) {
             const int64_t last = start + i0 + r;  // the last position this row sees
@@ -93,15 +88,8 @@ void prefill_bf16(const at::BFloat16* q, int64_t q_stride, const at::BFloat16* k
       }
       for (int g = 0; g < G; ++g)
         for (int64_t r = 0; r < count; ++r) {
-          const __m512 inv = _mm512_set1_ps(1.f / sum[g * 16 + r]);
-          const __m512* a = acc.data() + (g * 16 + r) * 2 * C;
-          at::BFloat16* o = out + ((first + i0 + r) * heads + h * G + g) * D;
-          for (int c = 0; c < C; ++c) {  // lanes of the unpacked halves back into dimension order
-            const __m512 lo = _mm512_mul_ps(a[2 * c], inv), hi = _mm512_mul_ps(a[2 * c + 1], inv);
-            const __m512 low = _mm512_shuffle_f32x4(lo, hi, 0x44), high = _mm512_shuffle_f32x4(lo, hi, 0xEE);
-            const __m512 x = _mm512_shuffle_f32x4(low, low, 0xD8), y = _mm512_shuffle_f32x4(high, high, 0xD8);
-            _mm512_storeu_si512(o + 32 * c, (__m512i)_mm512_cvtne2ps_pbh(y, x));
-          }
+          twinkle::store_interleaved<C>(out + ((first + i0 + r) * heads + h * G + g) * D,
+                                        acc.data() + (g * 16 + r) * 2 * C, _mm512_set1_ps(1.f / sum[g * 16 + r]));
         }
     }
   });

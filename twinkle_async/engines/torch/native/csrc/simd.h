@@ -134,6 +134,26 @@ template <int C> inline __m512 dot16(const __m512i* q, const at::BFloat16* k, co
   }
   return sum16x16(dots);
 }
+
+// Two bf16 rows of 32 * C values (positions t and t + 1) interleaved per dimension for vdpbf16ps against
+// (p[t], p[t + 1]) pairs: pairs[2c] holds dimensions 0-3, 8-11, 16-19, 24-27 of chunk c, pairs[2c + 1] the others.
+template <int C> inline void interleave(const at::BFloat16* a, const at::BFloat16* b, __m512i* pairs) {
+  for (int c = 0; c < C; ++c) {
+    const __m512i x = _mm512_loadu_si512(a + 32 * c), y = _mm512_loadu_si512(b + 32 * c);
+    pairs[2 * c] = _mm512_unpacklo_epi16(x, y);
+    pairs[2 * c + 1] = _mm512_unpackhi_epi16(x, y);
+  }
+}
+
+// Accumulators over interleave()d pairs (2 * C), times `scale`, back into dimension order, rounded to bf16.
+template <int C> inline void store_interleaved(at::BFloat16* out, const __m512* acc, __m512 scale) {
+  for (int c = 0; c < C; ++c) {
+    const __m512 lo = _mm512_mul_ps(acc[2 * c], scale), hi = _mm512_mul_ps(acc[2 * c + 1], scale);
+    const __m512 low = _mm512_shuffle_f32x4(lo, hi, 0x44), high = _mm512_shuffle_f32x4(lo, hi, 0xEE);
+    const __m512 x = _mm512_shuffle_f32x4(low, low, 0xD8), y = _mm512_shuffle_f32x4(high, high, 0xD8);
+    _mm512_storeu_si512(out + 32 * c, (__m512i)_mm512_cvtne2ps_pbh(y, x));
+  }
+}
 #endif
 
 }  // namespace twinkle
