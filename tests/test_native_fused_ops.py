@@ -101,6 +101,20 @@ def test_kv_rows_land_where_indexed_assignment_puts_them_and_a_place_outside_is_
         fused.rms_norm(torch.zeros(2, 8), torch.ones(8), 1e-5)
 
 
+def test_bfloat16_projections_on_packed_weights_equal_aten_until_the_weights_change(fused):
+    if not fused._packs:
+        pytest.skip("this torch or CPU has no oneDNN bfloat16 linear: projections stay on ATen's GEMM")
+    torch.manual_seed(8)
+    layer = torch.nn.Linear(96, 160, dtype=torch.bfloat16).requires_grad_(False)
+    x = torch.randn(37, 96, dtype=torch.bfloat16)
+    assert_within_one_ulp(fused.linear(x, layer), F.linear(x, layer.weight, layer.bias))
+    layer.weight.data.copy_(torch.randn(160, 96))  # in place, as a weight update writes it
+    stale = fused.linear(x, layer)
+    assert not torch.equal(stale, F.linear(x, layer.weight, layer.bias)), 'the packed copy is what runs'
+    fused.weights_changed()
+    assert_within_one_ulp(fused.linear(x, layer), F.linear(x, layer.weight, layer.bias))
+
+
 def test_a_bfloat16_model_on_the_kernels_matches_itself_on_the_reference(tiny_model_dir):
     from transformers import AutoConfig
 
@@ -176,3 +190,41 @@ class _Spy:
     def __getattr__(self, name):
         self._calls.append(name)
         return getattr(self._kernel, name)
+
+
+async def test_a_bfloat16_engine_serves_updated_weights_and_sleep_drops_the_packed_copies(bf16_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    from twinkle_async import AsyncSampler
+
+    prompt = torch.randint(3, 1000, (60,), generator=torch.Generator().manual_seed(9)).tolist()
+    model = AutoModelForCausalLM.from_pretrained(bf16_model_dir, dtype=torch.bfloat16).eval()
+    torch.manual_seed(10)
+    new_weights = {name: (t + 0.05 * torch.randn_like(t) if name.endswith('proj.weight') else t)
+                   for name, t in model.state_dict().items()}
+    model.load_state_dict(new_weights)
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt])).logits[0].float()
+    expected = torch.log_softmax(logits, -1)[:-1].gather(1, torch.tensor(prompt[1:])[:, None])[:, 0]
+
+    async def prompt_logprobs(sampler) -> torch.Tensor:
+        response = await within(sampler.sample({'input_ids': prompt}, {'max_tokens': 1, 'prompt_logprobs': 0}))
+        return torch.tensor(response.prompt_logprobs[1:])
+
+    args = {'dtype': 'bfloat16', 'max_model_len': 256, 'max_num_seqs': 2}
+    async with AsyncSampler(str(bf16_model_dir), engine='torch', engine_args=args) as sampler:
+        ops = sampler.engine.core.parts.forward.model.ops
+        if not getattr(ops, '_packs', False):
+            pytest.skip("this torch or CPU has no oneDNN bfloat16 linear: projections stay on ATen's GEMM")
+        before = await prompt_logprobs(sampler)
+        assert len(ops._packed) > 0, 'the projections ran on packed copies'
+        await within(sampler.update_weights(new_weights))
+        after = await prompt_logprobs(sampler)
+        await within(sampler.sleep(2))
+        assert ops._packed == {}, 'sleep(2) frees the packed copies with the weights'
+        await within(sampler.update_weights(new_weights))
+        await within(sampler.wake_up())
+        again = await prompt_logprobs(sampler)
+    assert (before - expected).abs().max().item() > 0.5, 'the update changes the scores (else this proves nothing)'
+    assert (after - expected).abs().max().item() < 0.15, (after - expected).abs().max().item()
+    assert torch.equal(again, after)

@@ -44,7 +44,8 @@ def runner_parts(model: Any, limits: CacheLimits, device: torch.device) -> Runne
         cache = PagedKVCache.for_model(model, limits.num_slots, limits.max_len, limits.memory_bytes,
                                        limits.block_size, device)
         lora = NativeLora(model)
-        return RunnerParts('native', NativeForward(model, lora, cache), lora, WeightStore(weight_slots(model)), cache)
+        weights = WeightStore(weight_slots(model), on_change=lambda: model.ops.weights_changed())
+        return RunnerParts('native', NativeForward(model, lora, cache), lora, weights, cache)
     slots = SlotKVCache.for_model(model, limits.num_slots, limits.max_len, device)
     adapters = LoraAdapters(model)
     return RunnerParts('hf', HFForward(adapters, slots), adapters, WeightStore.for_module(model), slots)

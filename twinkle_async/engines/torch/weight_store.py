@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Mapping, Optional
+from typing import Any, Callable, Mapping, Optional
 
 import torch
 
@@ -41,8 +41,9 @@ class WeightSlot:
 class WeightStore:
     """Names are the checkpoint's (``model.layers.0.self_attn.q_proj.weight``); tied weights answer to each name."""
 
-    def __init__(self, slots: Mapping[str, WeightSlot]) -> None:
+    def __init__(self, slots: Mapping[str, WeightSlot], on_change: Callable[[], None] = lambda: None) -> None:
         self.slots = dict(slots)
+        self.on_change = on_change  # after every apply and drop: what the model derived from its weights is stale
         self.specs = {name: TensorSpec(tuple(slot.owner[slot.rows].shape) if slot.rows else slot.owner_shape,
                                        slot.owner.dtype) for name, slot in self.slots.items()}
         self.device = next(iter(self.slots.values())).owner.device
@@ -76,15 +77,19 @@ class WeightStore:
 
     def apply(self, staged: Mapping[str, torch.Tensor]) -> None:
         """Copy staged tensors into the model in place (engine thread, between steps)."""
-        for name, tensor in staged.items():
-            self.slots[name].target().copy_(tensor)
-            self._dropped -= self._aliases[name]  # tied weights: one name brings back every alias
+        try:
+            for name, tensor in staged.items():
+                self.slots[name].target().copy_(tensor)
+                self._dropped -= self._aliases[name]  # tied weights: one name brings back every alias
+        finally:
+            self.on_change()
 
     def drop(self) -> None:
         """Release every weight's storage (sleep level 2); ``apply`` brings them back."""
         for slot in self.slots.values():
             slot.owner.data = torch.empty(0, dtype=slot.owner.dtype, device=slot.owner.device)
         self._dropped = set(self.slots)
+        self.on_change()
 
     def check_complete(self) -> None:
         """Raises ConfigurationError naming a weight still dropped."""

@@ -95,7 +95,7 @@ class DecoderLayer(nn.Module):
         ``pending`` output (added in place by this layer's first norm, as the next layer's adds this one's)."""
         shape = self.shape
         x = self.input_layernorm.normalize(ops, hidden, pending)
-        qkv = self._linear(self.qkv, 'qkv', x, lora)
+        qkv = self._linear(ops, self.qkv, 'qkv', x, lora)
         q, k, v = qkv.split([shape.q_size, shape.kv_size, shape.kv_size], dim=-1)
         q = q.view(-1, shape.heads, shape.head_dim)
         k = k.view(-1, shape.kv_heads, shape.head_dim)
@@ -103,12 +103,13 @@ class DecoderLayer(nn.Module):
             q, k = self.q_norm.normalize(ops, q), self.k_norm.normalize(ops, k)
         q, k = ops.rotate(q, cos, sin), ops.rotate(k, cos, sin)
         out = attention(self.index, q, k, v.view(-1, shape.kv_heads, shape.head_dim))
-        x = self.post_attention_layernorm.normalize(ops, hidden, self._linear(self.o_proj, 'o_proj', out, lora))
-        gated = ops.act_mul(self._linear(self.gate_up, 'gate_up', x, lora), self.act)
-        return hidden, self._linear(self.down_proj, 'down_proj', gated, lora)
+        x = self.post_attention_layernorm.normalize(ops, hidden, self._linear(ops, self.o_proj, 'o_proj', out, lora))
+        gated = ops.act_mul(self._linear(ops, self.gate_up, 'gate_up', x, lora), self.act)
+        return hidden, self._linear(ops, self.down_proj, 'down_proj', gated, lora)
 
-    def _linear(self, linear: nn.Linear, name: str, x: torch.Tensor, lora: Optional[LoraDelta]) -> torch.Tensor:
-        out = linear(x)
+    def _linear(self, ops: TorchOps, linear: nn.Linear, name: str, x: torch.Tensor,
+                lora: Optional[LoraDelta]) -> torch.Tensor:
+        out = ops.linear(x, linear)
         if lora is not None:
             lora(self.index, name, x, out)
         return out
@@ -157,7 +158,7 @@ class NativeCausalLM(nn.Module):
         return self.norm.normalize(self.ops, hidden, pending)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden)
+        return self.ops.linear(hidden, self.lm_head)
 
 
 def _activation(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
