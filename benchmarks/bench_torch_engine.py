@@ -16,9 +16,10 @@ sample generates exactly its ``max_tokens``; ``--systems`` picks them):
                  and ``kv_cache_memory_bytes``.
 
 Next to them, the GEMM-only bound: the model's own projections and lm_head for one decode step at the batch
-size (min(samples, max_num_seqs)), timed alone in the same dtype and threads: no engine decodes faster. "of bound+p"
-also counts the prompts' GEMMs (each prompt once, at the rate of 2,048-row GEMMs): the workload's ceiling when
-prefill is part of the timed run, as it is here.
+size (min(samples, max_num_seqs)), timed alone in the same dtype and threads, through the native runner's own GEMM
+path (packed bfloat16 weights where it packs them): no engine decodes faster. "of bound+p" also counts the
+prompts' GEMMs (each prompt once, at the rate of 2,048-row GEMMs): the workload's ceiling when prefill is part of
+the timed run, as it is here.
 
 Workloads (``--workloads``, seeded chat prompts of the default model's template, see ``WORKLOADS``): (i) ``short``
 256 requests x 128 tokens, 20-40-token prompts; (ii) ``mixed`` 64 requests, 20-300-token prompts, 16-128 tokens;
@@ -182,15 +183,15 @@ def gemm_bound(model_dir: Path, dtype: str, batch: int, steps: int = 20) -> floa
     from twinkle_async.engines.torch.native.checkpoint import load_native
 
     model = load_native(model_dir, AutoConfig.from_pretrained(model_dir), DTYPES[dtype], torch.device('cpu'), 16)
-    weights = [w for layer in model.layers for w in (layer.qkv.weight, layer.o_proj.weight, layer.gate_up.weight,
-                                                       layer.down_proj.weight)] + [model.lm_head.weight]
-    inputs = [torch.randn(batch, w.shape[1], dtype=w.dtype) for w in weights]
+    linears = [linear for layer in model.layers
+               for linear in (layer.qkv, layer.o_proj, layer.gate_up, layer.down_proj)] + [model.lm_head]
+    inputs = [torch.randn(batch, linear.in_features, dtype=model.dtype) for linear in linears]
     best = math.inf
     with torch.inference_mode():
         for _ in range(steps):
             began = time.perf_counter()
-            for x, w in zip(inputs, weights):
-                torch.mm(x, w.T)
+            for x, linear in zip(inputs, linears):
+                model.ops.linear(x, linear)  # the runner's own GEMM path (packed bf16 weights where it packs)
             best = min(best, time.perf_counter() - began)
     return batch / best
 
