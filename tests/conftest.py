@@ -98,11 +98,14 @@ def lora_dirs(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) ->
             'b': build_tiny_lora(tiny_model_dir, root / 'b', 'b', seed=3)}
 
 
-def hf_greedy(model, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
-    """Greedy tokens of a transformers (or PEFT) model: the reference every engine must match."""
+def hf_greedy(model, prompt_ids: list[int], max_new_tokens: int, ignore_eos: bool = False) -> list[int]:
+    """Greedy tokens of a transformers (or PEFT) model: the reference every engine must match (``ignore_eos``: past
+    an EOS too, as a request with ``ignore_eos`` goes on)."""
     import torch
+    stop = {'eos_token_id': None} if ignore_eos else {}
     with torch.no_grad():
-        out = model.generate(input_ids=torch.tensor([prompt_ids]), max_new_tokens=max_new_tokens, do_sample=False)
+        out = model.generate(input_ids=torch.tensor([prompt_ids]), max_new_tokens=max_new_tokens, do_sample=False,
+                             **stop)
     return out[0, len(prompt_ids):].tolist()
 
 

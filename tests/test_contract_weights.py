@@ -126,5 +126,5 @@ async def test_keep_pause_continues_a_rollout_on_new_weights_with_both_versions_
     assert len(tokens) == 60 and deltas[-1].finish_reason == 'length'
     assert versions == [old] * kept + [new] * (60 - kept)
     # after the switch, the new weights continue the same sequence (its cache was recomputed)
-    continued = hf_greedy(load_hf(tiny_model_b_dir), prompt + tokens[:kept], 60 - kept)
+    continued = hf_greedy(load_hf(tiny_model_b_dir), prompt + tokens[:kept], 60 - kept, ignore_eos=True)
     assert tokens[kept:] == continued
