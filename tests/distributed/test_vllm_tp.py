@@ -4,6 +4,8 @@ tp=1 engine."""
 
 from __future__ import annotations
 
+import asyncio
+
 import psutil
 import pytest
 import pytest_asyncio
@@ -37,10 +39,19 @@ def tensor_parallel_ranks(pid: int) -> list[str]:
     return sorted(titles)
 
 
+async def tensor_parallel_ranks_when_titled(pid: int, count: int) -> list[str]:
+    """:func:`tensor_parallel_ranks` once ``count`` workers carry their title (polled: a worker renames itself
+    after it starts; CI once read none right after the replica came up)."""
+    while len(ranks := tensor_parallel_ranks(pid)) < count:
+        await asyncio.sleep(0.1)
+    return ranks
+
+
 async def test_tp2_in_one_ray_replica_gives_the_greedy_tokens_of_tp1(tp2, vllm_sampler):
     assert tp2.engine_args['tensor_parallel_size'] == 2
     (replica,) = await within(tp2.engine.replica_status())
-    assert tensor_parallel_ranks(replica.pid) == ['VLLM::Worker_TP0', 'VLLM::Worker_TP1']
+    assert await within(tensor_parallel_ranks_when_titled(replica.pid, 2)) == ['VLLM::Worker_TP0',
+                                                                               'VLLM::Worker_TP1']
     sharded = await within(tp2.sample(PROMPTS, GREEDY))
     whole = await within(vllm_sampler.sample(PROMPTS, GREEDY))
     assert [r.sequences[0].tokens for r in sharded] == [r.sequences[0].tokens for r in whole]
