@@ -65,7 +65,8 @@ class FusedOps(TorchOps):
 
     def __init__(self, kernels: Any) -> None:
         self.kernels = kernels
-        self._packed: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id(weight) -> (weight, its packed copy)
+        # id(weight) -> (weight, its packed copy): holding the weight keeps its id from being reused
+        self._packed: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self._packs = _onednn_bf16_linear()
 
     def linear(self, x: torch.Tensor, layer: nn.Linear) -> torch.Tensor:
@@ -73,7 +74,7 @@ class FusedOps(TorchOps):
         if not self._packs or weight.dtype != torch.bfloat16 or x.dim() != 2 or x.dtype != weight.dtype:
             return super().linear(x, layer)
         entry = self._packed.get(id(weight))
-        if entry is None or entry[0] is not weight:
+        if entry is None:
             entry = self._packed[id(weight)] = (weight, torch.ops.mkldnn._reorder_linear_weight(weight.detach()))
         return torch.ops.mkldnn._linear_pointwise(x, entry[1], layer.bias, 'none', [], '')
 

@@ -183,7 +183,7 @@ torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v
 #ifdef TWINKLE_AVX512_BF16
   if (FastKernel fast = q.scalar_type() == at::kBFloat16 ? fast_kernel(D, H / Hkv) : nullptr) {
     fast(q.data_ptr<at::BFloat16>(), q.stride(0), k.data_ptr<at::BFloat16>(), v.data_ptr<at::BFloat16>(),
-         out.data_ptr<at::BFloat16>(), tables.data_ptr<int64_t>(), W, bs, lengths.data_ptr<int64_t>(), B, Hkv,
+         out.data_ptr<at::BFloat16>(), tables.data_ptr<int64_t>(), W, bs, L, B, Hkv,
          k.stride(1), k.stride(0), (float)scale, (int)threads);
     return out;
   }
@@ -191,7 +191,7 @@ torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "decode_attention", [&] {
     run<scalar_t>(q.data_ptr<scalar_t>(), q.stride(0), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(),
                   out.data_ptr<scalar_t>(),
-                  tables.data_ptr<int64_t>(), W, bs, lengths.data_ptr<int64_t>(), B, H, Hkv, D, k.stride(1),
+                  tables.data_ptr<int64_t>(), W, bs, L, B, H, Hkv, D, k.stride(1),
                   k.stride(0), (float)scale, (int)threads);
   });
   return out;
