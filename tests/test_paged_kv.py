@@ -16,7 +16,7 @@ from twinkle_async import AsyncSampler
 from twinkle_async.engines.torch.kv_cache import SlotKVCache
 from twinkle_async.errors import InvalidRequestError
 
-from conftest import counters_when, hf_greedy, load_hf, within
+from conftest import assert_all_blocks_returned, counters_when, hf_greedy, load_hf, on_each_step, within
 
 BLOCK = 16
 PROMPT = [int(t) for t in torch.randint(10, 1000, (100,), generator=torch.Generator().manual_seed(7))]
@@ -40,18 +40,8 @@ def spy_pool(sampler) -> list[tuple[int, list[tuple[int, int]]]]:
     """Before each forward (on the engine thread): blocks referenced, and each chunk's (start, end)."""
     seen: list[tuple[int, list[tuple[int, int]]]] = []
     core = sampler.engine.core
-    original = core.runner.step
-
-    def step(rows, chunks):
-        seen.append((core.cache.pool.used, [(c.start, c.end) for c in chunks]))
-        return original(rows, chunks)
-    core.runner.step = step
+    on_each_step(sampler, lambda rows, chunks: seen.append((core.cache.pool.used, [(c.start, c.end) for c in chunks])))
     return seen
-
-
-def assert_all_returned(sampler) -> None:
-    pool = sampler.engine.core.cache.pool
-    assert (pool.used, pool.reserved) == (0, 0), 'every block and reservation came back'
 
 
 @pytest.mark.parametrize('budget', [4096, 48], ids=['whole', 'chunked'])
@@ -65,7 +55,7 @@ async def test_the_samples_of_a_request_hold_the_prompt_blocks_once(tiny_model_d
         # 6 full prompt blocks once, and each sample's own copy of the partial 7th (positions 96..107 fit in it)
         assert decoding and set(decoding) == {6 + 8}, seen
         assert max(used for used, _ in seen) <= 6 + 8 + 1, 'while prefilling, at most the staged partial block more'
-        assert_all_returned(sampler)
+        assert_all_blocks_returned(sampler)
 
 
 async def test_a_shared_prefix_is_prefilled_once_and_served_from_the_cache(paged, expected):
@@ -79,7 +69,7 @@ async def test_a_shared_prefix_is_prefilled_once_and_served_from_the_cache(paged
     assert chunks == [(0, 100), (96, 100)], 'the second prompt computed only its last, partial block'
     assert after.prefix_cache_hits - before.prefix_cache_hits == 96
     assert after.prefix_cache_queries - before.prefix_cache_queries == 200
-    assert_all_returned(paged)
+    assert_all_blocks_returned(paged)
 
 
 async def test_a_next_turn_reads_the_blocks_the_previous_turn_generated(paged, tiny_model_dir):
@@ -91,7 +81,7 @@ async def test_a_next_turn_reads_the_blocks_the_previous_turn_generated(paged, t
     # 139 positions were cached (the last token is sampled, never fed): 8 full blocks, 6 of them the prompt's
     assert [chunk for _, step_chunks in seen for chunk in step_chunks] == [(128, 150)]
     assert second.sequences[0].tokens == hf_greedy(load_hf(tiny_model_dir), next_turn, GREEDY['max_tokens'])
-    assert_all_returned(paged)
+    assert_all_blocks_returned(paged)
 
 
 async def test_after_a_weight_update_the_cache_is_never_hit(paged, tiny_model_dir, tiny_model_b_dir):
@@ -106,7 +96,7 @@ async def test_after_a_weight_update_the_cache_is_never_hit(paged, tiny_model_di
         assert response.sequences[0].tokens == hf_greedy(load_hf(tiny_model_b_dir), PROMPT, GREEDY['max_tokens'])
     finally:
         await within(paged.update_weights(load_file(str(tiny_model_dir / 'model.safetensors'))))
-    assert_all_returned(paged)
+    assert_all_blocks_returned(paged)
 
 
 async def test_an_adapter_never_reads_the_base_model_prefix(paged, tiny_model_dir, lora_dirs, expected):
@@ -150,7 +140,7 @@ async def test_requests_wait_for_blocks_and_one_that_can_never_fit_is_refused(ti
         assert max(len(chunks) for _, chunks in seen) == 3, 'three prompts admitted at once, the rest waited'
         with pytest.raises(InvalidRequestError, match='kv_cache_memory_bytes'):
             await within(sampler.sample({'input_ids': PROMPT}, {**GREEDY, 'num_samples': 8, 'max_tokens': 150}))
-        assert_all_returned(sampler)
+        assert_all_blocks_returned(sampler)
 
 
 async def test_aborted_requests_give_every_block_back(tiny_model_dir):
@@ -174,7 +164,7 @@ async def test_aborted_requests_give_every_block_back(tiny_model_dir):
         await asyncio.gather(running, staged, return_exceptions=True)
         stats = await within(sampler.engine.stats())
         assert (stats.running, stats.used_slots, stats.kv_usage) == (0, 0, 0.0)
-        assert_all_returned(sampler)
+        assert_all_blocks_returned(sampler)
 
 
 async def test_without_the_kernel_decode_reads_gathered_blocks_and_agrees(tiny_model_dir, expected, monkeypatch):
@@ -183,4 +173,4 @@ async def test_without_the_kernel_decode_reads_gathered_blocks_and_agrees(tiny_m
         assert sampler.engine.core.parts.forward.kernel is None
         response = await within(sampler.sample({'input_ids': PROMPT}, {**GREEDY, 'num_samples': 3}))
         assert [s.tokens for s in response.sequences] == [expected] * 3
-        assert_all_returned(sampler)
+        assert_all_blocks_returned(sampler)

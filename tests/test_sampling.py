@@ -61,7 +61,7 @@ def test_logprobs_are_computed_only_for_the_rows_that_ask_and_equal_the_whole_ba
     table = SlotTable(batch, vocab, torch.device('cpu'), seed=0)
     for slot in range(batch):
         table.assign(slot, RequestParams(max_tokens=4, temperature=0.0 if slot % 2 else 0.8, seed=slot), [1, 2],
-                     slot, 'base')
+                     table.seeded(slot), 'base')
     logits = torch.randn(batch, vocab) * 3
     asking = torch.tensor([1, 4])
     widths: list[int] = []

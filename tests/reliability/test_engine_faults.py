@@ -224,7 +224,7 @@ async def test_torch_thread_raising_mid_batch_fails_every_waiter_and_an_update_i
     if site == 'model forward':
         inject(core.lora.model, 'forward', fault)
     else:
-        inject(core.scheduler, 'admit', fault)
+        inject(core.scheduler, 'schedule', fault)
     waiters = await freeze_a_full_engine(sampler)
     stats = await within(sampler.engine.stats())
     assert (stats.used_slots, stats.waiting) == (4, 3)  # 4 running; 2 queued + 1 held

@@ -80,6 +80,8 @@ class EngineStats:
     ``steps``: engine steps (forward passes) that produced outputs since the engine started.
     ``aborted``: requests ended early by an abort (a closed or cancelled stream, ``abort``, ``pause('abort')``,
     ``sleep``) since the engine started.
+    ``preemptions``: samples whose KV was freed for others to go on, to be computed again when memory is free,
+    since the engine started (vLLM: requests).
     ``waiting``: requests accepted but not admitted yet — held by a pause, or queued (vLLM: only held ones; its
     queued requests count as running).
     """
@@ -92,6 +94,7 @@ class EngineStats:
     prefix_cache_hits: int = 0
     steps: int = 0
     aborted: int = 0
+    preemptions: int = 0
 
 
 @runtime_checkable

@@ -159,7 +159,7 @@ class ReplicaEngine:
             used_slots=sum(s.used_slots for s in stats), kv_usage=sum(s.kv_usage for s in stats) / len(stats),
             prefix_cache_queries=sum(s.prefix_cache_queries for s in stats),
             prefix_cache_hits=sum(s.prefix_cache_hits for s in stats), steps=sum(s.steps for s in stats),
-            aborted=sum(s.aborted for s in stats))
+            aborted=sum(s.aborted for s in stats), preemptions=sum(s.preemptions for s in stats))
 
     async def replica_status(self) -> list[ReplicaStatus]:
         """What every live replica reports (dead ones are being restarted and left out)."""

@@ -7,8 +7,8 @@ adapter and weight version), so only the same tokens under the same weights ever
 to zero goes to the tail of the free queue and keeps its contents until it is taken from the head again: freed
 blocks are evicted least recently used first.
 
-``reserve`` promises blocks ahead (a running sample can always grow to its token limit, so nothing is ever
-preempted); ``allocate`` draws on a promise.
+``reserve`` promises blocks ahead (what a request needs to start; a running sample's later blocks are promised one
+at a time as it grows, and when none is left the scheduler preempts a sample); ``allocate`` draws on a promise.
 """
 
 from __future__ import annotations

@@ -63,7 +63,7 @@ class EngineCore:
         self.cache, self.lora = self.parts.cache, self.parts.lora
         self.runner = ModelRunner(self.parts.forward, self.cache, self.table, model.dtype, device)
         self.scheduler = Scheduler(self.cache, config.max_num_seqs, config.max_num_batched_tokens,
-                                   config.max_num_seqs if self.parts.forward.chunked else None)
+                                   config.max_num_seqs if self.parts.forward.chunked else None, self.table.move)
         self.processor = OutputProcessor(config.eos_token_ids, config.max_model_len)
         self.processed_logprobs = config.processed_logprobs
         self.weight_version = 0
@@ -106,20 +106,29 @@ class EngineCore:
 
     def step(self) -> None:
         """Decode every running sample and prefill what the scheduler admits (in one forward where the runner
-        allows), start the samples whose prompts are cached, release finished slots."""
+        allows), start the samples whose prompts are cached and resume the preempted ones whose KV is, release
+        finished slots."""
         if self._stale_kv:
             self._recompute()
         self.steps += 1
+        chunks = self.scheduler.schedule()
         rows = len(self.scheduler.running)
-        chunks = self.scheduler.admit()
         logits = self.runner.step(rows, chunks)
         if logits.decode is not None:
             self._pending += self._sample(logits.decode, self.scheduler.running[:rows], slice(0, rows))
-        started = [(chunk.request, chunk_logits) for chunk, chunk_logits in zip(chunks, logits.chunks)
-                   if self._record_prompt(chunk, chunk_logits)]
+        started: list[Request] = []
+        last_logits: list[torch.Tensor] = []
+        for chunk, chunk_logits in zip(chunks, logits.chunks):  # in slot order
+            if not self._record_prompt(chunk, chunk_logits):
+                continue
+            if chunk.sample is not None:
+                self._resume(chunk.sample)
+            else:
+                self.scheduler.start(chunk.request)
+                started.append(chunk.request)
+                last_logits.append(chunk_logits[-1])
         if started:
-            self._pending += self._start([request for request, _ in started],
-                                         torch.stack([chunk_logits[-1] for _, chunk_logits in started]))
+            self._pending += self._start(started, torch.stack(last_logits))
         self._release_finished()
 
     # -- run on this thread through ``call`` --
@@ -128,7 +137,8 @@ class EngineCore:
         queries, hits = self.cache.prefix_counts
         return EngineStats(waiting=len(s.waiting) + len(self.held), running=len(s.requests) - len(s.waiting),
                            used_slots=s.used_slots, kv_usage=self.cache.usage, prefix_cache_queries=queries,
-                           prefix_cache_hits=hits, steps=self.steps, aborted=self.aborted)
+                           prefix_cache_hits=hits, steps=self.steps, aborted=self.aborted,
+                           preemptions=s.preemptions)
 
     def pause(self, mode: PauseMode, on_paused: Callable[[], object]) -> None:
         """Hold new requests; 'abort' ends those in flight, 'keep' freezes them, 'wait' lets them finish."""
@@ -166,29 +176,36 @@ class EngineCore:
         return self.scheduler.idle or self.pause_mode in ('keep', 'abort')
 
     def _record_prompt(self, chunk: Chunk, logits: torch.Tensor) -> bool:
-        """Keep the chunk's prompt logprob rows (when asked); whether it completed its prompt."""
+        """Keep the chunk's prompt logprob rows (when asked); whether it completed its prompt (or its preempted
+        sample's context)."""
         request = chunk.request
-        if request.params.prompt_logprobs is not None:
+        if request.params.prompt_logprobs is not None and chunk.sample is None:
             if chunk.start == 0:
                 request.prompt_logprobs = [None]
             assert request.prompt_logprobs is not None
             request.prompt_logprobs += prompt_logprob_rows(
                 logits, request.prompt_token_ids[chunk.start + 1:chunk.end + 1], request.params.prompt_logprobs)
-        self.cache.commit(chunk.slot, request.prompt_token_ids, chunk.end)
+        self.cache.commit(chunk.slot, chunk.tokens, chunk.end)
         return chunk.completes
 
     def _start(self, requests: list[Request], last_logits: torch.Tensor) -> list[EngineOutput]:
-        """The requests' prompts are cached in their samples' slots: sample their first tokens."""
+        """The requests' samples run (in consecutive slots) with their prompts cached: sample their first tokens."""
         samples = [s for r in requests for s in r.samples]
-        for request in requests:
-            self.scheduler.start(request)
+        first = samples[0].slot
+        assert [s.slot for s in samples] == list(range(first, first + len(samples)))
         for sample in samples:
-            self.table.assign(sample.slot, sample.params, sample.request.prompt_token_ids, sample.seed,
+            sample.generator = self.table.seeded(sample.seed)
+            self.table.assign(sample.slot, sample.params, sample.request.prompt_token_ids, sample.generator,
                               sample.request.adapter)
         counts = torch.tensor([len(r.samples) for r in requests], device=last_logits.device)
-        first = samples[0].slot
         return self._sample(torch.repeat_interleave(last_logits, counts, dim=0), samples,
                             slice(first, first + len(samples)))
+
+    def _resume(self, sample: Sample) -> None:
+        """A preempted sample's KV is cached again: it decodes its newest token next step."""
+        self.scheduler.resume(sample)
+        self.table.assign(sample.slot, sample.params, sample.context, sample.generator, sample.request.adapter,
+                          next_token=sample.output_ids[-1])
 
     def _recompute(self) -> None:
         self._stale_kv = False
@@ -219,9 +236,7 @@ class EngineCore:
             self._release(sample)
 
     def _release(self, sample: Sample) -> None:
-        moved = self.scheduler.release(sample)
-        if moved is not None:
-            self.table.move(*moved)
+        self.scheduler.release(sample)
         if sample.request.finished:
             self.scheduler.finish(sample.request)
 

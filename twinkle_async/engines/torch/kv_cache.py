@@ -9,6 +9,7 @@ is paged (:mod:`~twinkle_async.engines.torch.paged_cache`).
 
 from __future__ import annotations
 
+import sys
 from typing import Any, Optional, Protocol, Sequence
 
 import torch
@@ -35,13 +36,25 @@ class KVCache(Protocol):
     def fits(self, prompt_len: int, num_samples: int, max_new: int) -> bool:
         """Whether a request of this size fits the cache when nothing else runs."""
 
+    @property
+    def free_blocks(self) -> int:
+        """Blocks nobody holds or was promised."""
+
+    def blocks_needed(self, prompt_len: int, num_samples: int, max_new: int, cached_tokens: int) -> int:
+        """Blocks a request takes until its samples hold ``max_new`` tokens each (``cached_tokens`` of the prompt
+        cached already)."""
+
+    def blocks_to_grow(self, slot: int, length: int) -> int:
+        """Blocks the slot still takes, beyond what it holds or was promised, to hold ``length`` positions."""
+
     def cached_tokens(self, prompt: Sequence[int], adapter: str) -> int:
         """Leading prompt tokens whose KV is cached already (a prefix cache hit)."""
 
-    def reserve(self, slot: int, prompt: Sequence[int], num_samples: int, max_new: int, adapter: str,
+    def reserve(self, slot: int, prompt: Sequence[int], num_samples: int, adapter: str,
                 use_cached: bool = True) -> Optional[int]:
-        """Hold memory for a request prefilled into ``slot`` whose samples generate up to ``max_new`` tokens;
-        ``None`` if it does not fit now, else the prompt tokens already cached (``slot`` holds them)."""
+        """Hold memory for a request prefilled into ``slot`` and its samples' first tokens (later ones take memory
+        as they come: :meth:`extend`); ``None`` if it does not fit now, else the prompt tokens already cached
+        (``slot`` holds them)."""
 
     @property
     def register_every(self) -> int:
@@ -50,8 +63,12 @@ class KVCache(Protocol):
     def commit(self, slot: int, tokens: Sequence[int], length: int) -> None:
         """The slot's positions ``< length`` hold ``tokens[:length]``, computed with the current weights."""
 
+    def extend(self, slot: int, length: int) -> bool:
+        """Make the slot's positions ``< length`` writable if the memory is free; ``False`` if it is not (the
+        scheduler then preempts a sample)."""
+
     def grow(self, slot: int, length: int) -> None:
-        """Make the slot's positions ``< length`` writable."""
+        """Make the slot's positions ``< length`` writable (memory :meth:`reserve` or :meth:`extend` found)."""
 
     def fork(self, src: int, dst: int, length: int) -> None:
         """``dst`` starts with ``src``'s first ``length`` positions (another sample of the same prompt)."""
@@ -127,10 +144,20 @@ class SlotKVCache:
     def fits(self, prompt_len: int, num_samples: int, max_new: int) -> bool:
         return True  # the engine refuses num_samples over its slots
 
+    @property
+    def free_blocks(self) -> int:
+        return sys.maxsize  # every slot has room for max_len positions: memory never runs short
+
+    def blocks_needed(self, prompt_len: int, num_samples: int, max_new: int, cached_tokens: int) -> int:
+        return 0
+
+    def blocks_to_grow(self, slot: int, length: int) -> int:
+        return 0
+
     def cached_tokens(self, prompt: Sequence[int], adapter: str) -> int:
         return 0
 
-    def reserve(self, slot: int, prompt: Sequence[int], num_samples: int, max_new: int, adapter: str,
+    def reserve(self, slot: int, prompt: Sequence[int], num_samples: int, adapter: str,
                 use_cached: bool = True) -> Optional[int]:
         self._held.add(slot)
         return 0  # every slot has room for max_len positions
@@ -141,6 +168,10 @@ class SlotKVCache:
 
     def commit(self, slot: int, tokens: Sequence[int], length: int) -> None:
         pass
+
+    def extend(self, slot: int, length: int) -> bool:
+        self.ensure_capacity(length)
+        return True
 
     def grow(self, slot: int, length: int) -> None:
         self.ensure_capacity(length)

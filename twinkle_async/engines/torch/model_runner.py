@@ -91,7 +91,7 @@ class ModelRunner:
         for _, run in itertools.groupby(chunks, key=lambda c: _forward_group(c.request)):
             group = list(run)
             keep = torch.tensor(self._offsets(group, wanted[at:at + len(group)]), device=self.device)
-            logits = self._forward_packed([c.request.prompt_token_ids for c in group], [c.slot for c in group],
+            logits = self._forward_packed([c.tokens for c in group], [c.slot for c in group],
                                           keep, group[0].request.adapter, group[0].request.pixels)
             result.chunks += self._split(logits, wanted[at:at + len(group)])
             at += len(group)
@@ -117,7 +117,7 @@ class ModelRunner:
     def _mixed(self, rows: int, chunks: list[Chunk], wanted: list[list[int]]) -> StepLogits:
         no_rows = (torch.empty(0, dtype=torch.long, device=self.device), None)
         positions, mask = self._plan_decode(rows) if rows else no_rows
-        tokens = [t for c in chunks for t in c.request.prompt_token_ids[c.start:c.end]]
+        tokens = [t for c in chunks for t in c.tokens[c.start:c.end]]
         chunk_positions = [p for c in chunks for p in range(c.start, c.end)]
         spans, at = [], rows
         for chunk in chunks:
@@ -163,7 +163,9 @@ class ModelRunner:
 
     @staticmethod
     def _wanted(chunk: Chunk) -> list[int]:
-        """The chunk's token offsets whose logits are needed."""
+        """The chunk's token offsets whose logits are needed (none for a preempted sample's)."""
+        if chunk.sample is not None:
+            return []
         if chunk.request.params.prompt_logprobs is not None:
             return list(range(chunk.end - chunk.start))
         return [chunk.end - chunk.start - 1] if chunk.completes else []

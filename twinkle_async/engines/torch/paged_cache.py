@@ -15,7 +15,7 @@ from typing import Any, Hashable, Optional, Sequence
 
 import torch
 
-from twinkle_async.engines.torch.block_pool import BlockPool, block_hashes
+from twinkle_async.engines.torch.block_pool import BlockPool, KVPoolExhaustedError, block_hashes
 from twinkle_async.engines.torch.kv_cache import SlotKVCache, kv_shape
 from twinkle_async.engines.torch.native.kernels import cpu_kernels
 
@@ -79,13 +79,24 @@ class PagedKVCache:
         """Whether the pool holds such a request when nothing else runs."""
         return self._needed(prompt_len, num_samples, max_new, 0)[0] <= self.pool.num_blocks
 
-    def reserve(self, slot: int, prompt: Sequence[int], num_samples: int, max_new: int, adapter: str,
+    @property
+    def free_blocks(self) -> int:
+        return self.pool.available
+
+    def blocks_needed(self, prompt_len: int, num_samples: int, max_new: int, cached_tokens: int) -> int:
+        return self._needed(prompt_len, num_samples, max_new, cached_tokens // self.block_size)[0]
+
+    def blocks_to_grow(self, slot: int, length: int) -> int:
+        state = self._slots[slot]
+        return max(0, -(-min(length, self.max_len) // self.block_size) - len(state.blocks) - state.reserved)
+
+    def reserve(self, slot: int, prompt: Sequence[int], num_samples: int, adapter: str,
                 use_cached: bool = True) -> Optional[int]:
-        """Hold the blocks a request needs to the end: its prompt, prefilled into ``slot`` (minus the cached prefix,
-        which ``slot`` now references), and for each sample the blocks past the prompt's full ones for up to
-        ``max_new`` tokens. Returns the prompt tokens cached, or ``None`` (nothing held) if the pool is short."""
+        """Hold the blocks a request needs to start: its prompt, prefilled into ``slot`` (minus the cached prefix,
+        which ``slot`` now references), and for each sample the block its first token goes to (later blocks come
+        from :meth:`extend`). Returns the prompt tokens cached, or ``None`` (nothing held) if the pool is short."""
         hits = self._hits(prompt, adapter) if use_cached else []
-        needed, per_sample = self._needed(len(prompt), num_samples, max_new, len(hits))
+        needed, per_sample = self._needed(len(prompt), num_samples, 1, len(hits))
         if not self.pool.reserve(needed, hits):
             return None
         self.pool.take_cached(hits, len(prompt) if use_cached else 0)
@@ -115,15 +126,26 @@ class PagedKVCache:
             state.hashes.append(block_hash)
 
     # -- growth and slot moves --
-    def grow(self, slot: int, length: int) -> None:
-        """Blocks for the slot's positions ``< length``, drawn from its reservation."""
+    def extend(self, slot: int, length: int) -> bool:
+        """Blocks for the slot's positions ``< length``: from its reservation, then from the blocks nobody was
+        promised; ``False`` if those ran out (the slot keeps the blocks it got)."""
         state = self._slots[slot]
         while len(state.blocks) * self.block_size < length:
+            if not state.reserved:
+                if not self.pool.reserve(1):
+                    return False
+                state.reserved = 1
             self._ensure_allocated()
             block = self.pool.allocate()
             state.reserved -= 1
             self.tables[slot, len(state.blocks)] = block
             state.blocks.append(block)
+        return True
+
+    def grow(self, slot: int, length: int) -> None:
+        """:meth:`extend`, which must succeed: the scheduler made room for every position a step writes."""
+        if not self.extend(slot, length):
+            raise KVPoolExhaustedError(f'slot {slot} needs blocks for {length} positions and the pool has none free')
 
     def fork(self, src: int, dst: int, length: int) -> None:
         """Slot ``dst`` starts as ``src``'s first ``length`` positions: the full blocks shared, the last partial one

@@ -15,7 +15,8 @@ __all__ = ['Request', 'Sample']
 
 @dataclass(eq=False, slots=True)
 class Sample:
-    """One of a request's ``num_samples`` completions; lives in KV slot ``slot`` while running."""
+    """One of a request's ``num_samples`` completions; lives in KV slot ``slot`` while running (``-1`` while waiting
+    or preempted). ``generator``: its seeded random generator, kept across preemptions."""
 
     request: Request
     index: int
@@ -25,6 +26,7 @@ class Sample:
     text: str = ''
     emitted_chars: int = 0
     finish_reason: Optional[StopReason] = None
+    generator: Any = None
 
     @property
     def params(self) -> RequestParams:
@@ -34,6 +36,16 @@ class Sample:
     def num_cached(self) -> int:
         """Tokens in the KV cache: the prompt plus every output token but the newest."""
         return len(self.request.prompt_token_ids) + max(len(self.output_ids) - 1, 0)
+
+    @property
+    def context(self) -> list[int]:
+        """The tokens whose KV it holds: the prompt and every output token but the newest."""
+        return self.request.prompt_token_ids + self.output_ids[:-1]
+
+    @property
+    def priority(self) -> tuple[int, int]:
+        """Earlier requests first, then lower sample indices: the last is preempted first."""
+        return self.request.arrival, self.index
 
     @property
     def seed(self) -> Optional[int]:
@@ -54,6 +66,7 @@ class Request:
     prompt_logprobs: Optional[list[Optional[LogprobRow]]] = None  # filled chunk by chunk while prefilled
     num_prefilled: int = 0  # prompt tokens cached so far (in the staging slot while prefilled in chunks)
     pixels: Optional[Mapping[str, Any]] = None
+    arrival: int = 0  # the scheduler's count of requests added before it
 
     @classmethod
     def from_engine_request(cls, request: EngineRequest, tokenizer: object,

@@ -33,11 +33,13 @@ class SlotTable:
         self._rows = (self.positions, self.last_tokens, self.temperature, self.greedy, self.top_k,
                       self.top_p, self.penalty, self.seen)
 
-    def assign(self, slot: int, params: RequestParams, prompt: Sequence[int], seed: Optional[int],
-               adapter: str) -> None:
-        """Fill row ``slot`` for a new sample of a request with ``prompt`` already in the cache."""
+    def assign(self, slot: int, params: RequestParams, tokens: Sequence[int], generator: Optional[torch.Generator],
+               adapter: str, next_token: Optional[int] = None) -> None:
+        """Fill row ``slot`` for a sample whose KV holds ``tokens`` (a new sample: its prompt); a sample resuming
+        after a preemption passes its newest token as ``next_token`` (fed next, after ``tokens``). ``generator``:
+        the sample's own (:meth:`seeded`), or ``None`` to draw from the shared one."""
         self.adapters[slot] = adapter
-        self.positions[slot] = len(prompt)
+        self.positions[slot] = len(tokens)
         self.greedy[slot] = params.temperature == 0
         self.temperature[slot] = params.temperature or 1.0
         self.top_k[slot] = params.top_k if params.top_k > 0 else self.vocab_size
@@ -45,8 +47,19 @@ class SlotTable:
         self.penalty[slot] = params.repetition_penalty
         self.seen[slot] = False
         if params.repetition_penalty != 1.0:
-            self.seen[slot, torch.as_tensor(prompt, device=self._device)] = True
-        self.generators[slot] = None if seed is None else _generator(seed, self._device)
+            seen = [*tokens, next_token] if next_token is not None else tokens
+            self.seen[slot, torch.as_tensor(seen, device=self._device)] = True
+        if next_token is not None:
+            self.last_tokens[slot] = next_token
+        self.generators[slot] = generator
+
+    def seeded(self, seed: Optional[int]) -> Optional[torch.Generator]:
+        """A generator for a sample with ``seed`` (``None``: the sample draws from the shared one)."""
+        if seed is None:
+            return None
+        generator = torch.Generator(device=self._device)
+        generator.manual_seed(seed)
+        return generator
 
     def move(self, src: int, dst: int) -> None:
         """Copy row ``src`` into row ``dst`` (compaction after a release)."""
@@ -67,8 +80,3 @@ class SlotTable:
             start = rows.start or 0
             self.seen[torch.arange(start, start + len(tokens), device=self._device), tokens] = True
 
-
-def _generator(seed: int, device: torch.device) -> torch.Generator:
-    generator = torch.Generator(device=device)
-    generator.manual_seed(seed)
-    return generator

@@ -206,7 +206,7 @@ class VLLMEngine:
         return EngineStats(waiting=held, running=unfinished - held, used_slots=unfinished - held,
                            kv_usage=snapshot.kv_usage, prefix_cache_queries=snapshot.prefix_cache_queries,
                            prefix_cache_hits=snapshot.prefix_cache_hits, steps=snapshot.steps,
-                           aborted=self._aborted)
+                           aborted=self._aborted, preemptions=snapshot.preemptions)
 
     @property
     def weight_version(self) -> int:

@@ -22,6 +22,7 @@ class SchedulerSnapshot:
     prefix_cache_queries: int = 0  # prompt tokens looked up since start (summed over steps)
     prefix_cache_hits: int = 0
     steps: int = 0  # steps whose outputs reached this process
+    preemptions: int = 0  # requests preempted since start (summed over steps)
 
 
 def snapshot_logger_factory(snapshot: SchedulerSnapshot) -> Any:
@@ -36,6 +37,7 @@ def snapshot_logger_factory(snapshot: SchedulerSnapshot) -> Any:
                    engine_idx: int = 0) -> None:
             if iteration_stats is not None:  # vLLM makes one for each step with outputs
                 snapshot.steps += 1
+                snapshot.preemptions += iteration_stats.num_preempted_reqs
             if scheduler_stats is not None:
                 snapshot.running = scheduler_stats.num_running_reqs
                 snapshot.waiting = scheduler_stats.num_waiting_reqs
