@@ -36,6 +36,8 @@ Run:
     .venv/bin/python benchmarks/bench_torch_engine.py                       # float32, tiny and default, mixed
     .venv/bin/python benchmarks/bench_torch_engine.py --dtype bfloat16 --models default --workloads short,grpo \\
         --systems native,hf,vllm,generate --static-batch 32 --max-num-seqs 256 --kv-cache-bytes 1073741824
+    .venv/bin/python benchmarks/bench_torch_engine.py --dtype bfloat16 --models default --workloads grpo --eos \
+        --num-requests 16 --max-tokens 512,512 --systems native,vllm --max-num-seqs 256   # RL-like: stops at EOS
 """
 
 from __future__ import annotations
