@@ -217,8 +217,7 @@ class Scheduler:
         """Chunks computing preempted samples again, oldest first, while slots, memory and the budget allow (one
         that does not fit the budget goes whole when it comes first; a sample whose prompt a sibling's chunk
         computes waits for the next step, to find it cached)."""
-        computing = {c.request for c in chunks
-                     if c.sample is not None and c.start + self.kv.register_every <= len(c.request.prompt_token_ids)}
+        computing: set[Request] = set()  # requests whose prompt blocks a chunk of this step computes
         while self.preempted and free.budget > 0 and free.next_slot + free.held < self.num_slots:
             sample = self.preempted[0]
             context, adapter = sample.context, sample.request.adapter
