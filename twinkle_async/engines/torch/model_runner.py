@@ -69,8 +69,8 @@ class StepLogits:
 
 
 class ModelRunner:
-    """Plans each forward over the KV cache (giving every slot room for what it writes) and runs it with
-    ``forward``."""
+    """Plans each forward over the KV cache (giving prefill chunks room for what they write; decode rows got theirs
+    from the scheduler) and runs it with ``forward``."""
 
     def __init__(self, forward: Forward, cache: KVCache, table: SlotTable, dtype: torch.dtype,
                  device: torch.device) -> None:
@@ -141,11 +141,8 @@ class ModelRunner:
         return StepLogits(logits[:rows] if rows else None, self._split(logits[rows:], wanted))
 
     def _plan_decode(self, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
-        positions = self.table.positions[:rows]
-        lengths = (positions + 1).tolist()
-        for slot, length in enumerate(lengths):
-            self.cache.grow(slot, length)
-        kv_len = max(lengths)
+        positions = self.table.positions[:rows]  # the scheduler gave each row room for it
+        kv_len = int(positions.max()) + 1
         visible = torch.arange(kv_len, device=self.device).unsqueeze(0) <= positions.unsqueeze(1)
         return positions, additive_mask(visible, self.dtype)[:, None, None]
 
